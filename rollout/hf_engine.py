@@ -1,0 +1,133 @@
+"""The reference engine: transformers `generate` for any Hugging Face causal LM.
+
+Batched over rows of equal prompt length (see `_equal_length_chunks` for why not padded). `output_logits=True` returns the raw (unprocessed) logits of every
+step; the engine's log-probs are log_softmax(logits.float() / T) at the sampled ids (see
+posttrain.rollout.types for why there is no top-k/top-p renormalisation). Slow but simple: it is
+the yardstick the native and vLLM engines are tested against.
+
+Seeding: with `params.seed` set, generation runs inside `torch.random.fork_rng` seeded with it,
+so the same seed and the same prompts give the same completions (unlike `native`, the samples
+do depend on batch composition, because transformers draws from one shared RNG).
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence
+
+import torch
+from transformers import GenerationConfig, PreTrainedModel
+
+from posttrain.rollout.sampling import early_stop_length
+from posttrain.rollout.types import Completion, FinishReason, SamplingParams, load_named_tensors
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token-id lists. Returns (input_ids [B, T], attention_mask [B, T]) with T the longest."""
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("hf engine: empty prompt (every prompt needs at least one token)")
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        mask[row, width - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def finish_completion(
+    prompt_index: int,
+    sample_index: int,
+    tokens: list[int],
+    logprobs: list[float],
+    params: SamplingParams,
+) -> Completion:
+    """Cut a raw generated row at its first stop token (kept) and apply early truncation."""
+    stop = set(params.stop_token_ids)
+    reason: FinishReason = "length"
+    for i, tok in enumerate(tokens):
+        if tok in stop:
+            tokens, logprobs, reason = tokens[: i + 1], logprobs[: i + 1], "stop"
+            break
+    keep = early_stop_length(logprobs, params.early_stop_run, params.early_stop_prob)
+    # A run completed exactly on the stop token counts as a normal stop.
+    if keep is not None and not (reason == "stop" and keep == len(tokens)):
+        tokens, logprobs, reason = tokens[:keep], logprobs[:keep], "truncated"
+    return Completion(prompt_index, sample_index, tokens, logprobs, reason)
+
+
+class HFEngine:
+    """RolloutEngine over a transformers causal LM (already on its device, eval mode)."""
+
+    def __init__(self, model: PreTrainedModel, max_batch: Optional[int] = None) -> None:
+        self.model = model.eval()
+        self.max_batch = max_batch  # None: all prompts x n in one generate call
+        self.policy_version = 0
+        pad = model.config.pad_token_id
+        self.pad_id = int(pad) if pad is not None else 0
+
+    def _generation_config(self, params: SamplingParams) -> GenerationConfig:
+        # Every knob is explicit so the model's own generation_config.json (repetition penalty,
+        # default top_k=50, ...) can never change what is sampled.
+        sample = not params.greedy
+        return GenerationConfig(
+            do_sample=sample,
+            temperature=params.temperature if sample else None,
+            top_k=params.top_k if sample and params.top_k > 0 else None,
+            top_p=params.top_p if sample and params.top_p < 1.0 else None,
+            max_new_tokens=params.max_new_tokens,
+            min_new_tokens=0,
+            eos_token_id=list(params.stop_token_ids) or None,
+            pad_token_id=self.pad_id,
+            repetition_penalty=None,
+            num_beams=1,
+            output_logits=True,
+            return_dict_in_generate=True,
+            use_cache=True,
+        )
+
+    @torch.no_grad()
+    def _generate_rows(self, rows: Sequence[Sequence[int]], params: SamplingParams) -> list[tuple[list[int], list[float]]]:
+        """Raw generated tokens and their log-probs for each row (before stop/truncation cuts)."""
+        device = next(self.model.parameters()).device
+        input_ids, mask = left_pad(rows, self.pad_id, device)
+        out = self.model.generate(
+            input_ids=input_ids, attention_mask=mask, generation_config=self._generation_config(params)
+        )
+        new = out.sequences[:, input_ids.shape[1]:]  # [B, steps]
+        t = params.temperature if params.temperature > 0 else 1.0
+        logits = torch.stack(out.logits, dim=1).float()  # [B, steps, V]
+        lp = torch.log_softmax(logits / t, dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)  # [B, steps]
+        return [(new[b].tolist(), lp[b].tolist()) for b in range(new.shape[0])]
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:
+        """n completions per prompt, prompt-major (see RolloutEngine)."""
+        keys = [(p, s) for p in range(len(prompts)) for s in range(params.n)]
+        raw: dict[tuple[int, int], tuple[list[int], list[float]]] = {}
+        device = next(self.model.parameters()).device
+        # Fork (and seed) the RNG of the device that samples, leaving the caller's RNG untouched.
+        rng_devices = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=rng_devices):
+            if params.seed is not None:
+                torch.manual_seed(params.seed)
+            for chunk in self._equal_length_chunks(prompts, keys):
+                rows = self._generate_rows([prompts[p] for p, _ in chunk], params)
+                raw.update(zip(chunk, rows))
+        return [finish_completion(p, s, *raw[(p, s)], params) for p, s in keys]
+
+    def _equal_length_chunks(
+        self, prompts: Sequence[Sequence[int]], keys: list[tuple[int, int]]
+    ) -> list[list[tuple[int, int]]]:
+        """Batch only rows whose prompts have the same length, so no row is ever padded.
+
+        Why: with transformers 5.19, MiniMax models whose layer 0 is a lightning layer build the
+        decode-time softmax-attention mask from layer 0's (empty) KV length, so left-padding keys
+        leak into later decode steps (log-prob errors ~1e-3 against a full forward). Equal-length
+        batches sidestep it exactly; the n samples of one prompt always batch together.
+        """
+        by_len: dict[int, list[tuple[int, int]]] = {}
+        for key in keys:
+            by_len.setdefault(len(prompts[key[0]]), []).append(key)
+        size = self.max_batch or len(keys)
+        return [group[i:i + size] for group in by_len.values() for i in range(0, len(group), size)]
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        load_named_tensors(self.model, named_tensors)
