@@ -1,0 +1,154 @@
+"""Needle in a haystack: retrieve the value of one key from a long context.
+
+A prompt is a context of about `length` tokens followed by a question line; the needle
+"key=value" sits at relative depth `depth` (0 = first line, 1 = last line before the
+question). Two kinds of filler:
+
+- "kv" (default): every filler line is itself a "key=value" pair with a distinct 4-letter key
+  and a 4-digit value, so the model must really look the key up (no "odd line out" shortcut);
+- "text": filler sentences of common words; only the needle line has the "key=value" shape.
+
+Example (kv):   "qmzt=5180\\nable=9921\\n...\\nQ: able"   completion / answer: "9921"
+
+Lengths are counted in tokens of `tokenizer` (encoding each line separately, so exact for
+the char tokenizer and within a few tokens for BPE) or, without a tokenizer, in characters
+(= tokens of the char tokenizer). The chat template adds a few marker tokens on top. Each row
+carries `length` and `depth` (the nominal cell) and `n_tokens` (measured prompt length) so an
+eval can report accuracy per (length, depth) cell.
+
+Files written by `write`:
+
+    sft_train.jsonl, sft_eval.jsonl   prompt_completion + length, depth, n_tokens
+    rl_train.jsonl,  rl_eval.jsonl    rl (prompt + answer) + length, depth, n_tokens
+    task.json                         the parameters used
+
+Train rows draw `length` from `lengths` and `depth` uniformly from [0, 1] (rounded to 3
+decimals); eval rows cover the grid lengths x depths with `n_eval_per_cell` rows per cell.
+"""
+from __future__ import annotations
+
+import os
+import random
+import string
+from pathlib import Path
+from typing import Callable, Sequence
+
+from posttrain.data.tasks._io import write_json_atomic, write_jsonl_atomic
+
+NAME = "needle"
+FILLERS = ("kv", "text")
+_WORDS = (
+    "the a one small old new red blue green cat dog bird fish tree house river hill road "
+    "sees finds likes takes makes keeps near over under with from into and but then"
+).split()
+
+
+def _key(rng: random.Random) -> str:
+    return "".join(rng.choices(string.ascii_lowercase, k=4))
+
+
+def _value(rng: random.Random) -> str:
+    return str(rng.randint(1000, 9999))
+
+
+def _sentence(rng: random.Random) -> str:
+    return " ".join(rng.choices(_WORDS, k=rng.randint(4, 8))) + ".\n"
+
+
+def make_example(
+    rng: random.Random,
+    length: int,
+    depth: float,
+    *,
+    filler: str = "kv",
+    count: Callable[[str], int] = len,
+) -> tuple[str, str, int]:
+    """One (prompt, answer, n_tokens) with the needle at `depth` in ~`length` tokens."""
+    key, answer = _key(rng), _value(rng)
+    needle = f"{key}={answer}\n"
+    question = f"Q: {key}"
+    used = {key}
+    budget = length - count(needle) - count(question)
+    lines: list[str] = []
+    while True:
+        if filler == "kv":
+            k = _key(rng)
+            if k in used:
+                continue
+            line = f"{k}={_value(rng)}\n"
+        else:
+            line = _sentence(rng)
+        n = count(line)
+        if n > budget:
+            break
+        if filler == "kv":
+            used.add(k)
+        lines.append(line)
+        budget -= n
+    lines.insert(round(depth * len(lines)), needle)
+    prompt = "".join(lines) + question
+    return prompt, answer, length - budget
+
+
+def _rows(rng: random.Random, cells: Sequence[tuple[int, float]], filler: str, count) -> list[dict]:
+    rows = []
+    for length, depth in cells:
+        prompt, answer, n_tokens = make_example(rng, length, depth, filler=filler, count=count)
+        rows.append({"prompt": prompt, "answer": answer, "length": length, "depth": depth, "n_tokens": n_tokens})
+    return rows
+
+
+def _as_sft(rows: list[dict]) -> list[dict]:
+    return [{"prompt": r["prompt"], "completion": r["answer"], **{k: r[k] for k in ("length", "depth", "n_tokens")}} for r in rows]
+
+
+def write(
+    out_dir: str | os.PathLike,
+    *,
+    n_train: int = 2000,
+    n_eval_per_cell: int = 20,
+    seed: int = 0,
+    lengths: Sequence[int] = (128, 256, 512),
+    depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
+    filler: str = "kv",
+    tokenizer=None,
+    n_rl_train: int | None = None,
+) -> dict[str, Path]:
+    """Write the needle datasets into out_dir; returns {name: path} (see module docstring)."""
+    if filler not in FILLERS:
+        raise ValueError(f"needle filler must be one of {FILLERS}, got {filler!r}")
+    if not lengths or min(lengths) < 32:
+        raise ValueError(f"needle lengths must be non-empty and >= 32 tokens, got {list(lengths)}")
+    if not depths or not all(0.0 <= d <= 1.0 for d in depths):
+        raise ValueError(f"needle depths must be fractions in [0, 1], got {list(depths)}")
+    count = len if tokenizer is None else (lambda s: len(tokenizer.encode(s, add_special_tokens=False)))
+    n_rl_train = n_train if n_rl_train is None else n_rl_train
+
+    def rng(split: str) -> random.Random:
+        return random.Random(f"{NAME}/{seed}/{split}")
+
+    def train_cells(r: random.Random, n: int) -> list[tuple[int, float]]:
+        return [(r.choice(list(lengths)), round(r.random(), 3)) for _ in range(n)]
+
+    grid = [(L, float(d)) for L in lengths for d in depths for _ in range(n_eval_per_cell)]
+    r_sft, r_rl = rng("sft_train"), rng("rl_train")
+    sft_train = _rows(r_sft, train_cells(r_sft, n_train), filler, count)
+    rl_train = _rows(r_rl, train_cells(r_rl, n_rl_train), filler, count)
+    eval_rows = _rows(rng("eval"), grid, filler, count)
+
+    out = Path(out_dir)
+    params = dict(task=NAME, n_train=n_train, n_eval_per_cell=n_eval_per_cell, seed=seed, lengths=list(lengths),
+                  depths=[float(d) for d in depths], filler=filler, n_rl_train=n_rl_train,
+                  length_unit="characters" if tokenizer is None else f"tokens of {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__}")
+    return {
+        "sft_train": write_jsonl_atomic(out / "sft_train.jsonl", _as_sft(sft_train)),
+        "sft_eval": write_jsonl_atomic(out / "sft_eval.jsonl", _as_sft(eval_rows)),
+        "rl_train": write_jsonl_atomic(out / "rl_train.jsonl", rl_train),
+        "rl_eval": write_jsonl_atomic(out / "rl_eval.jsonl", eval_rows),
+        "task": write_json_atomic(out / "task.json", params),
+    }
+
+
+def check(completion_text: str, answer: str) -> bool:
+    """Exact match of the retrieved value after stripping surrounding whitespace."""
+    return completion_text.strip() == answer.strip()
