@@ -1,8 +1,24 @@
-"""Typed recipe configuration (one small dataclass per component)."""
+"""Typed recipe configuration: one small frozen dataclass per component.
+
+A recipe is YAML; `load_recipe` turns it into a `RecipeConfig` or raises `ConfigError`
+naming the key path (`stages[0].optim.lr: expected a number, got "fast"`). Everything is
+checked here, before Ray or any model starts: unknown keys (with a did-you-mean), types,
+required values, and that every file the recipe names exists.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from posttrain.schema import ConfigError, apply_overrides, parse_dataclass
+
+__all__ = [
+    "ConfigError", "ModelConfig", "TokenizerConfig", "ClusterConfig", "DataConfig",
+    "OptimConfig", "ScheduleConfig", "BatchConfig", "EvalConfig", "CheckpointConfig",
+    "LearnerConfig", "SFTStageConfig", "StageConfig", "RecipeConfig", "load_recipe",
+    "recipe_path",
+]
 
 
 @dataclass(frozen=True)
@@ -20,3 +36,213 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     fp32_lm_head: bool = True
     gradient_checkpointing: bool = False
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """`char`/`bpe`: built with the `tokenizers` library; `path`: a saved HF tokenizer dir."""
+
+    kind: Literal["char", "bpe", "path"] = "char"
+    path: Optional[str] = None
+    vocab_size: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Where the processes run. `address: null` starts a local Ray instance."""
+
+    address: Optional[str] = None
+    num_cpus: Optional[int] = None
+    learners: int = 1  # DeepSpeed data-parallel world size
+    rollout_workers: int = 1
+    cpus_per_learner: float = 1.0
+    cpus_per_rollout_worker: float = 0.0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """A stage's data: files on disk, or a synthetic task written to the run dir first.
+
+    With `task`, the task's generator writes its files under `<run_dir>/data/<task>/` and
+    `train`/`eval` default to that task's files for the stage kind; the same loading path
+    as user data is used afterwards.
+    """
+
+    train: Optional[str] = None
+    eval: Optional[str] = None
+    format: Literal["prompt_completion", "chat", "preference", "rl"] = "prompt_completion"
+    task: Optional[str] = None
+    task_args: dict[str, Any] = field(default_factory=dict)
+    on_bad_row: Literal["error", "skip"] = "error"
+    max_seq_len: int = 512
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW. MiniMax-M1 used betas (0.9, 0.95) and eps 1e-15 for RL."""
+
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    kind: Literal["constant", "cosine", "linear"] = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """Sequences per optimizer step (across all learners) and per micro-batch."""
+
+    global_size: int = 32
+    micro_size: int = 8
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = 0  # optimizer steps between evals; 0: only at the end of the stage
+    max_new_tokens: int = 16
+    limit: Optional[int] = None  # evaluate on the first N eval rows
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 0  # optimizer steps between resumable checkpoints; 0: only at stage end
+    keep_last: int = 1
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    offload_optimizer: bool = False
+    loss_chunk_size: int = 1024  # tokens per chunk of the LM-head cross-entropy
+
+
+@dataclass(frozen=True)
+class SFTStageConfig:
+    name: str
+    kind: Literal["sft"]
+    data: DataConfig
+    steps: int
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    init_from: Optional[str] = None  # a previous stage's name; default: the previous stage
+    log_every: int = 1
+
+
+# Stage kinds are chosen by their `kind` key (see posttrain.schema's union handling).
+StageConfig = Union[SFTStageConfig]
+
+
+@dataclass(frozen=True)
+class RecipeConfig:
+    name: str
+    model: ModelConfig
+    stages: list[StageConfig]
+    seed: int = 0
+    run_dir: Optional[str] = None  # default: runs/<name>
+    resume: bool = False
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    @property
+    def resolved_run_dir(self) -> Path:
+        return Path(self.run_dir) if self.run_dir else Path("runs") / self.name
+
+
+def recipe_path(name_or_path: str) -> Path:
+    """A recipe file path, or the name of a recipe shipped in posttrain.recipes."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise ConfigError(f"recipe file not found: {p}")
+        return p
+    shipped = Path(__file__).resolve().parent.parent / "recipes"
+    try:  # installed package: posttrain.recipes
+        import posttrain.recipes as _r
+
+        shipped = Path(_r.__file__).parent
+    except ImportError:  # pragma: no cover - source checkout without install
+        pass
+    candidate = shipped / f"{name_or_path}.yaml"
+    if not candidate.is_file():
+        names = sorted(q.stem for q in shipped.glob("*.yaml"))
+        raise ConfigError(f"no recipe file or shipped recipe named {name_or_path!r} (shipped: {', '.join(names)})")
+    return candidate
+
+
+def load_recipe(name_or_path: str, overrides: list[str] = ()) -> RecipeConfig:
+    """Read, override, type-check and validate a recipe; raises ConfigError."""
+    import yaml
+
+    path = recipe_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping at the top level")
+    raw = apply_overrides(raw, list(overrides))
+    cfg = parse_dataclass(RecipeConfig, raw, "")
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: RecipeConfig) -> None:
+    """Cross-field checks that types alone cannot express."""
+    m = cfg.model
+    if (m.preset is None) == (m.path is None):
+        raise ConfigError("model: set exactly one of model.preset or model.path")
+    if m.path is not None and not Path(m.path).is_dir():
+        raise ConfigError(f"model.path: directory not found: {m.path}")
+    if m.preset is not None:
+        from posttrain.models import PRESETS
+
+        if m.preset not in PRESETS:
+            raise ConfigError(f"model.preset: unknown preset {m.preset!r} (known: {', '.join(sorted(PRESETS))})")
+    t = cfg.tokenizer
+    if t.kind == "path":
+        if not t.path or not Path(t.path).is_dir():
+            raise ConfigError(f"tokenizer.path: directory not found: {t.path}")
+    if not cfg.stages:
+        raise ConfigError("stages: at least one stage is required")
+    names: list[str] = []
+    for i, st in enumerate(cfg.stages):
+        key = f"stages[{i}]"
+        if st.name in names:
+            raise ConfigError(f"{key}.name: duplicate stage name {st.name!r}")
+        if st.init_from is not None and st.init_from not in names:
+            raise ConfigError(f"{key}.init_from: {st.init_from!r} is not an earlier stage (earlier: {names or 'none'})")
+        names.append(st.name)
+        _validate_stage(st, key)
+
+
+def _validate_stage(st: SFTStageConfig, key: str) -> None:
+    d = st.data
+    if d.task is None and d.train is None:
+        raise ConfigError(f"{key}.data: set data.train (a file) or data.task (a synthetic task)")
+    if d.task is not None:
+        from posttrain.data import TASKS
+
+        if d.task not in TASKS:
+            raise ConfigError(f"{key}.data.task: unknown task {d.task!r} (known: {', '.join(sorted(TASKS))})")
+    for k in ("train", "eval"):
+        p = getattr(d, k)
+        if p is not None and not Path(p).exists():
+            raise ConfigError(f"{key}.data.{k}: file not found: {p}")
+    if st.steps <= 0:
+        raise ConfigError(f"{key}.steps: must be positive, got {st.steps}")
+    b = st.batch
+    if b.micro_size <= 0 or b.global_size <= 0 or b.global_size % b.micro_size:
+        raise ConfigError(f"{key}.batch: global_size ({b.global_size}) must be a positive multiple of micro_size ({b.micro_size})")
+    if st.optim.lr <= 0:
+        raise ConfigError(f"{key}.optim.lr: must be positive, got {st.optim.lr}")
