@@ -1,0 +1,228 @@
+"""The learner: one DeepSpeed data-parallel rank holding the policy being trained.
+
+A plain class: `posttrain.cluster` wraps it with `ray.remote` (one actor per rank), and
+tests and GPU benchmarks use it in-process. Stage loops hand it micro-batches and an
+*objective* — a module-level function `(model, micro, **knobs) -> (loss, metrics)` from
+posttrain.objectives — so the learner knows nothing about SFT, DPO or RL.
+
+Normalisation: objectives divide by the token (or sequence) count of the whole optimizer
+step across micro-batches and ranks (`num_tokens`), so the gradient of one step is the
+gradient of the global-batch loss. DeepSpeed would also divide by the number of
+micro-batches and average over ranks; we undo both (`scale_wrt_gas=False`, loss x world
+size), which is what makes 1x8 == 8x1 and world size 2 == world size 1 hold exactly.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from posttrain.config import LearnerConfig, ModelConfig, OptimConfig, ScheduleConfig
+
+Objective = Callable[..., tuple[torch.Tensor, dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+
+def lr_lambda(schedule: ScheduleConfig, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of the base LR at optimizer step `step` (0-based): warmup then decay."""
+
+    def f(step: int) -> float:
+        if step < schedule.warmup_steps:
+            return (step + 1) / schedule.warmup_steps
+        if schedule.kind == "constant":
+            return 1.0
+        span = max(1, total_steps - schedule.warmup_steps)
+        progress = min(1.0, (step - schedule.warmup_steps) / span)
+        lo = schedule.min_lr_ratio
+        if schedule.kind == "linear":
+            return 1.0 - (1.0 - lo) * progress
+        return lo + (1.0 - lo) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def init_distributed(dist: DistInfo) -> None:
+    import deepspeed
+    import torch.distributed as tdist
+
+    if tdist.is_initialized():
+        return
+    os.environ.update(
+        MASTER_ADDR=dist.master_addr, MASTER_PORT=str(dist.master_port),
+        RANK=str(dist.rank), WORLD_SIZE=str(dist.world_size), LOCAL_RANK=str(dist.rank),
+        LOCAL_WORLD_SIZE=str(dist.world_size),
+    )
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+
+
+class Learner:
+    """One rank: model + DeepSpeed engine. Build with `Learner(...)`, then `configure(...)`
+    once per stage (a new optimizer and schedule), then `train_step(...)` repeatedly."""
+
+    def __init__(self, model_cfg: ModelConfig, init_path: Optional[str], *, vocab_size: int,
+                 seed: int, dist: DistInfo = DistInfo(), threads: Optional[int] = None):
+        from posttrain.models import build_model, load_model
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.dist = dist
+        init_distributed(dist)
+        torch.manual_seed(seed)  # identical initial weights on every rank
+        self.model_cfg = model_cfg
+        if init_path is not None:
+            self.model = load_model(init_path, model_cfg)
+        else:
+            self.model = build_model(model_cfg, vocab_size=vocab_size)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.model.to(self.device)
+        self.engine = None
+        self.step = 0
+
+    # ------------------------------------------------------------------ setup
+    def configure(self, optim: OptimConfig, schedule: ScheduleConfig, learner: LearnerConfig,
+                  total_steps: int) -> None:
+        import deepspeed
+
+        if self.engine is not None:  # a new stage: keep the weights, drop optimizer state
+            self.model = self.engine.module
+        self.model.train()
+        if self.model_cfg.gradient_checkpointing and hasattr(self.model, "gradient_checkpointing_enable"):
+            self.model.gradient_checkpointing_enable()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, eps=optim.eps,
+                                weight_decay=optim.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(schedule, total_steps))
+        zero: dict[str, Any] = {"stage": learner.zero_stage}
+        if learner.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu"}
+        ds_cfg = {
+            # DeepSpeed insists on a batch geometry; we drive accumulation boundaries
+            # ourselves (set_gradient_accumulation_boundary), so these are nominal.
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": 1,
+            "train_batch_size": self.dist.world_size,
+            "gradient_clipping": optim.grad_clip,
+            "zero_optimization": zero,
+            "steps_per_print": 10**12,
+            "wall_clock_breakdown": False,
+        }
+        dtype = self.model_cfg.dtype
+        if dtype == "bfloat16":
+            ds_cfg["bf16"] = {"enabled": True}
+        elif dtype == "float16":
+            ds_cfg["fp16"] = {"enabled": True}
+        self.engine, _, _, _ = deepspeed.initialize(model=self.model, optimizer=opt,
+                                                     lr_scheduler=sched, config=ds_cfg)
+        self.step = 0
+
+    # --------------------------------------------------------------- training
+    def train_step(self, objective: Objective, micro_batches: list[Any],
+                   **knobs: Any) -> dict[str, float]:
+        """One optimizer step over this rank's micro-batches; returns summed metrics.
+
+        Every rank must receive the same number of micro-batches. Objectives return
+        metrics as *sums over the step's normaliser* (e.g. loss already divided by the
+        global count), so summing over micro-batches and ranks gives global values.
+        """
+        eng = self.engine
+        assert eng is not None, "call configure() first"
+        totals: dict[str, float] = {}
+        n = len(micro_batches)
+        for i, micro in enumerate(micro_batches):
+            eng.set_gradient_accumulation_boundary(i == n - 1)
+            loss, metrics = objective(eng.module, _to_device(micro, self.device), **knobs)
+            eng.backward(loss * self.dist.world_size, scale_wrt_gas=False)
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+        grad_norm = eng.get_global_grad_norm() if n else None
+        eng.step()
+        self.step += 1
+        out = _all_reduce_sum(totals)
+        out["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        out["lr"] = float(eng.get_lr()[0])
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, objective: Objective, micro_batches: list[Any],
+                 **knobs: Any) -> dict[str, float]:
+        """Sum an objective's metrics over micro-batches without updating anything."""
+        module = self.engine.module if self.engine is not None else self.model
+        was_training = module.training
+        module.eval()
+        totals: dict[str, float] = {}
+        for micro in micro_batches:
+            _, metrics = objective(module, _to_device(micro, self.device), **knobs)
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+        module.train(was_training)
+        return _all_reduce_sum(totals)
+
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run `fn(model, *args, **kwargs)` on this rank's model (e.g. generation for eval)."""
+        return fn(self.module, *args, **kwargs)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module if self.engine is not None else self.model
+
+    # ------------------------------------------------------------ weights
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Full weights on CPU (ZeRO 0-2 keep full parameters on every rank)."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()}
+
+    def save_pretrained(self, out_dir: str) -> None:
+        """Rank 0 writes a Hugging Face checkpoint (safetensors) into `out_dir`."""
+        if self.dist.rank == 0:
+            self.module.save_pretrained(out_dir, safe_serialization=True)
+
+    # ------------------------------------------------------- training state
+    def save_state(self, state_dir: str, extra: dict[str, Any]) -> None:
+        """All ranks: DeepSpeed checkpoint (weights, optimizer, LR schedule) into state_dir.
+
+        The caller makes it atomic (writes into a temp dir and renames after every rank
+        returned). Files are our own torch checkpoints, never loaded from elsewhere.
+        """
+        assert self.engine is not None
+        self.engine.save_checkpoint(state_dir, tag="ds", client_state={"learner_step": self.step},
+                                    save_latest=False)
+        if self.dist.rank == 0:
+            Path(state_dir, "progress.json").write_text(json.dumps(extra))
+
+    def load_state(self, state_dir: str) -> dict[str, Any]:
+        assert self.engine is not None
+        _, client = self.engine.load_checkpoint(state_dir, tag="ds")
+        self.step = int(client["learner_step"])
+        return json.loads(Path(state_dir, "progress.json").read_text())
+
+
+def _all_reduce_sum(metrics: dict[str, float]) -> dict[str, float]:
+    import torch.distributed as tdist
+
+    if not metrics or not tdist.is_initialized() or tdist.get_world_size() == 1:
+        return dict(metrics)
+    keys = sorted(metrics)
+    t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
+    tdist.all_reduce(t)
+    return {k: float(v) for k, v in zip(keys, t.tolist())}
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    """Move the tensors of a micro-batch dataclass (e.g. posttrain.data.Batch) to `device`."""
+    if device.type == "cpu":
+        return batch
+    moved = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
+    return dataclasses.replace(batch, **{k: v.to(device) for k, v in moved.items() if torch.is_tensor(v)})
