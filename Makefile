@@ -1,0 +1,31 @@
+# Two commands on a fresh machine with only Python:
+#   make demo   -> creates .venv, installs everything, runs the demo recipe (local Ray, CPU, tiny model)
+#   make test   -> creates .venv, installs everything, runs the test suite
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU build of torch (on this project's machines `pip install torch==2.13.0` finds it
+# locally). On a GPU machine: make install TORCH_SPEC=torch EXTRAS=test,gpu
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= test
+DEMO_ARGS ?=
+STAMP := $(VENV)/.installed-$(EXTRAS)
+
+.PHONY: install demo test clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip setuptools wheel
+	$(VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(VENV)/bin/python -m pip install -q -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/posttrain run demo --overwrite $(DEMO_ARGS)
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

@@ -1,0 +1,75 @@
+"""`posttrain` command line: run, validate, and a few helpers. Config errors exit with 2."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional
+
+from rich.console import Console
+
+VERBS = {
+    "run": "run a recipe (a path or a shipped recipe's name) with KEY=VALUE overrides",
+    "validate": "check a recipe (types, keys, files) without running anything",
+    "recipes": "list the recipes shipped with posttrain",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="posttrain",
+        description="Post-training and RL for hybrid lightning-attention MoE models.",
+        epilog="verbs:\n" + "\n".join(f"  {k:<10} {v}" for k, v in VERBS.items())
+        + "\n\nexample: posttrain run demo stages.sft.steps=50 cluster.num_cpus=2",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="verb", metavar="VERB")
+    for verb in ("run", "validate"):
+        s = sub.add_parser(verb, help=VERBS[verb])
+        s.add_argument("recipe", help="recipe file or shipped recipe name (see `posttrain recipes`)")
+        s.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. stages.0.optim.lr=1e-4")
+        if verb == "run":
+            s.add_argument("--resume", action="store_true", help="continue the run in the recipe's run_dir")
+            s.add_argument("--overwrite", action="store_true", help="delete an existing run_dir and start over")
+    sub.add_parser("recipes", help=VERBS["recipes"])
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    console = Console()
+    if args.verb is None:
+        _parser().print_help()
+        return 0
+    if args.verb == "recipes":
+        from posttrain.config import recipe_path
+        from pathlib import Path
+
+        for p in sorted(Path(recipe_path("demo")).parent.glob("*.yaml")):
+            console.print(p.stem)
+        return 0
+    from posttrain.config import ConfigError, load_recipe
+
+    try:
+        cfg = load_recipe(args.recipe, args.overrides)
+        if args.verb == "validate":
+            console.print(f"[green]{args.recipe}: OK[/green] ({len(cfg.stages)} stages: "
+                          + ", ".join(f"{s.name} ({s.kind})" for s in cfg.stages) + ")")
+            return 0
+        from posttrain.pipeline import run_recipe
+
+        run_recipe(cfg, resume=args.resume, overwrite=args.overwrite, console=console)
+    except ConfigError as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False)
+        return 2
+    except Exception as e:  # noqa: BLE001 - data problems found while reading files
+        from posttrain.data import DataError
+
+        if isinstance(e, DataError):
+            console.print(f"[red]data error:[/red] {e}", highlight=False)
+            return 2
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Run a recipe: stages in order, each starting from the previous stage's manifest.
+
+Run directory:
+
+    <run_dir>/recipe.yaml           the resolved recipe (after overrides)
+    <run_dir>/tokenizer/            the tokenizer every stage uses (HF format)
+    <run_dir>/data/<task>/          synthetic task files, when a stage names a task
+    <run_dir>/stages/NN-<name>/     final/ (HF checkpoint), state/ (resumable), manifest.json
+    <run_dir>/metrics.jsonl, tensorboard/, plots/*.png, summary.json
+
+Resume: stages with a manifest are skipped; the first unfinished stage continues from its
+newest complete state (see posttrain.stages.common.latest_state).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from posttrain.checkpoint import atomic_dir, write_json_atomic
+from posttrain.config import ConfigError, RecipeConfig, TokenizerConfig
+from posttrain.metrics import MetricsLogger
+from posttrain.stages.common import StageContext
+from posttrain.stages.sft import run_sft
+
+StageRunner = Callable[[StageContext, Any, Any], dict[str, Any]]
+STAGE_RUNNERS: dict[str, StageRunner] = {"sft": run_sft}
+
+
+def prepare_run_dir(cfg: RecipeConfig, *, resume: bool, overwrite: bool) -> Path:
+    run_dir = cfg.resolved_run_dir
+    started = (run_dir / "recipe.yaml").exists()
+    if started and not (resume or overwrite):
+        raise ConfigError(f"run_dir {run_dir} already holds a run: pass --resume to continue it, "
+                          f"--overwrite to start over, or set run_dir=<another dir>")
+    if started and overwrite and not resume:
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(_yaml_safe(dataclasses.asdict(cfg)), sort_keys=False))
+    return run_dir
+
+
+def prepare_tokenizer(cfg: TokenizerConfig, run_dir: Path):
+    """Build (or copy) the run's tokenizer once; later stages and resumes load the saved one."""
+    from posttrain.data import build_tokenizer, load_tokenizer
+
+    out = run_dir / "tokenizer"
+    if not out.is_dir():
+        tok = load_tokenizer(cfg.path) if cfg.kind == "path" else build_tokenizer(cfg.kind, vocab_size=cfg.vocab_size)
+        with atomic_dir(out) as tmp:
+            tok.save_pretrained(str(tmp))
+    return load_tokenizer(str(out)), out
+
+
+def run_recipe(cfg: RecipeConfig, *, resume: bool = False, overwrite: bool = False,
+               console: Optional[Console] = None) -> dict[str, Any]:
+    from posttrain.cluster import LearnerGroup, start_ray
+
+    console = console or Console()
+    run_dir = prepare_run_dir(cfg, resume=resume or cfg.resume, overwrite=overwrite)
+    tokenizer, tok_dir = prepare_tokenizer(cfg.tokenizer, run_dir)
+    logger = MetricsLogger(run_dir)
+    start_ray(cfg.cluster)
+    manifests: dict[str, dict[str, Any]] = {}
+    results: list[dict[str, Any]] = []
+    previous: Optional[str] = None
+    try:
+        for i, stage in enumerate(cfg.stages):
+            stage_dir = run_dir / "stages" / f"{i:02d}-{stage.name}"
+            source = stage.init_from or previous
+            init_path = manifests[source]["checkpoint"] if source else cfg.model.path
+            manifest_path = stage_dir / "manifest.json"
+            if manifest_path.exists():
+                console.print(f"[green]{stage.name}: already complete, skipped[/green]")
+                manifest = json.loads(manifest_path.read_text())
+            else:
+                console.rule(f"stage {i}: {stage.name} ({stage.kind})")
+                ctx = StageContext(cfg, run_dir, stage_dir, tokenizer, tok_dir, init_path, logger, console,
+                                   seed=cfg.seed + i)
+                learners = LearnerGroup(cfg.cluster, cfg.model, init_path, vocab_size=len(tokenizer), seed=cfg.seed)
+                try:
+                    manifest = STAGE_RUNNERS[stage.kind](ctx, stage, learners)
+                finally:
+                    learners.shutdown()
+            manifests[stage.name] = manifest
+            results.append({"name": stage.name, "kind": stage.kind, "eval": manifest.get("eval", {}),
+                            "checkpoint": manifest["checkpoint"]})
+            previous = stage.name
+    finally:
+        logger.close()
+    summary = {"recipe": cfg.name, "run_dir": str(run_dir), "stages": results}
+    write_json_atomic(run_dir / "summary.json", summary)
+    console.print(summary_table(summary))
+    return summary
+
+
+def summary_table(summary: dict[str, Any]) -> Table:
+    keys: list[str] = []
+    for st in summary["stages"]:
+        keys += [k for k in st["eval"] if k not in keys and isinstance(st["eval"][k], (int, float))]
+    table = Table(title=f"{summary['recipe']}: per-stage eval")
+    for col in ["stage", "kind", *keys]:
+        table.add_column(col)
+    for st in summary["stages"]:
+        table.add_row(st["name"], st["kind"], *[_fmt(st["eval"].get(k)) for k in keys])
+    return table
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def _yaml_safe(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _yaml_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_yaml_safe(v) for v in obj]
+    return obj
