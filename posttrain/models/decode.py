@@ -1,0 +1,175 @@
+"""Decoding API of the hybrid model for the native rollout engine (rollout/native.py).
+
+Memory per slot: each lightning layer keeps one fixed-size fp32 state `[H, D, D]` (independent
+of the sequence length); only the softmax layers keep a KV cache `[Hkv, max_len, D]`.
+
+Typical engine loop (continuous batching over S slots):
+
+    cache = DecodeCache(model, num_slots=S, max_len=L)
+    logits, state = prefill(model, prompt_ids[None])       # logits fp32 [V]: next-token dist.
+    cache.insert(slot, state)                               # slot now holds the prompt
+    ... sample token for that slot from `logits` ...
+    logits = decode_step(model, tokens, cache, active)      # tokens [S] long, active [S] bool
+    ... sample next tokens from logits[active]; cache.release(slot) when a sequence ends ...
+
+`decode_step` appends `tokens[s]` to every active slot s at position `cache.lengths[s]`
+(RoPE position = current length), advances the length by one and returns the next-token
+logits. `prefill_many` prefills several prompts in one packed forward. All functions run
+under `torch.no_grad()`; put the model in eval mode (router jitter is training-only).
+Logits are fp32; the LM head itself runs in fp32 when `config.posttrain_fp32_lm_head`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from posttrain.models.hybrid import LINEAR, HybridForCausalLM, rope_cos_sin
+from posttrain.models.varlen import cu_seqlens_from_lengths
+
+__all__ = ["SlotState", "DecodeCache", "prefill", "prefill_many", "decode_step"]
+
+
+@dataclass
+class SlotState:
+    """One sequence after prefill: its length and per-layer attention state (layer index -> tensor)."""
+
+    length: int
+    linear: dict[int, torch.Tensor]  # lightning layer -> fp32 [H, D, D]
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]]  # softmax layer -> (k, v) [Hkv, length, D], RoPE applied
+
+
+class DecodeCache:
+    """States of S decoding slots, updated in place by `decode_step`.
+
+    linear[i]: fp32 `[S, H, D, D]` for each lightning layer i; k[i], v[i]: `[S, Hkv, max_len, D]`
+    (model dtype) for each softmax layer i; lengths: long `[S]` tokens held per slot.
+    """
+
+    def __init__(
+        self,
+        model: HybridForCausalLM,
+        num_slots: int,
+        max_len: int,
+        *,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        c = model.config
+        device = device or model.device
+        dtype = dtype or model.dtype
+        H, D = c.num_attention_heads, model.model.layers[0].self_attn.head_dim
+        self.num_slots, self.max_len = num_slots, max_len
+        self.lengths = torch.zeros(num_slots, dtype=torch.long, device=device)
+        self.linear: dict[int, torch.Tensor] = {}
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+        for i, kind in enumerate(c.layer_types):
+            if kind == LINEAR:
+                self.linear[i] = torch.zeros(num_slots, H, D, D, dtype=torch.float32, device=device)
+            else:
+                shape = (num_slots, c.num_key_value_heads, max_len, D)
+                self.k[i] = torch.zeros(shape, dtype=dtype, device=device)
+                self.v[i] = torch.zeros(shape, dtype=dtype, device=device)
+
+    def insert(self, slot: int, state: SlotState) -> None:
+        """Load a prefilled sequence into `slot` (overwrites whatever the slot held)."""
+        if not 0 <= slot < self.num_slots:
+            raise IndexError(f"DecodeCache.insert: slot {slot} out of range [0, {self.num_slots})")
+        if state.length >= self.max_len:
+            raise ValueError(f"DecodeCache.insert: prompt of {state.length} tokens leaves no room (max_len={self.max_len})")
+        for i, s in state.linear.items():
+            self.linear[i][slot] = s
+        for i, (k, v) in state.kv.items():
+            self.k[i][slot, :, : state.length] = k
+            self.v[i][slot, :, : state.length] = v
+        self.lengths[slot] = state.length
+
+    def release(self, slot: int) -> None:
+        """Mark `slot` empty (its tensors are overwritten by the next insert)."""
+        self.lengths[slot] = 0
+
+
+@torch.no_grad()
+def prefill(model: HybridForCausalLM, input_ids: torch.Tensor) -> tuple[torch.Tensor, SlotState]:
+    """Run one prompt `[1, T]`. Returns (next-token logits fp32 `[V]`, SlotState)."""
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"prefill: input_ids must be [1, T], got {tuple(input_ids.shape)}")
+    logits, states = prefill_many(model, [input_ids[0]])
+    return logits[0], states[0]
+
+
+@torch.no_grad()
+def prefill_many(
+    model: HybridForCausalLM, prompts: Sequence[torch.Tensor | list[int]]
+) -> tuple[torch.Tensor, list[SlotState]]:
+    """Prefill N prompts in one packed forward (documents isolated via cu_seqlens).
+
+    Returns (next-token logits fp32 `[N, V]`, one SlotState per prompt).
+    """
+    device = model.device
+    ids = [torch.as_tensor(p, dtype=torch.long, device=device).reshape(-1) for p in prompts]
+    lengths = [int(x.numel()) for x in ids]
+    cu = cu_seqlens_from_lengths(lengths, device=device)
+    out = model.model(torch.cat(ids)[None], cu_seqlens=cu, return_states=True)
+    last = (cu[1:] - 1).long()
+    logits = model.logits(out.hidden[0, last]).float()  # [N, V]
+    states = []
+    for n, length in enumerate(lengths):
+        lo, hi = int(cu[n]), int(cu[n + 1])
+        linear, kv = {}, {}
+        for i, st in enumerate(out.states):
+            if model.config.layer_types[i] == LINEAR:
+                linear[i] = st[n]
+            else:
+                k, v = st
+                kv[i] = (k[0, :, lo:hi], v[0, :, lo:hi])
+        states.append(SlotState(length=length, linear=linear, kv=kv))
+    return logits, states
+
+
+@torch.no_grad()
+def decode_step(
+    model: HybridForCausalLM, tokens: torch.Tensor, cache: DecodeCache, active: torch.Tensor
+) -> torch.Tensor:
+    """Append tokens[s] to every active slot s and return next-token logits fp32 `[S, V]`.
+
+    tokens: long `[S]` (ignored where inactive); active: bool `[S]`. Rows of inactive slots are 0.
+    Raises if an active slot is full (length == max_len).
+    """
+    S = cache.num_slots
+    if tokens.shape != (S,) or active.shape != (S,):
+        raise ValueError(f"decode_step: tokens and active must be [S={S}], got {tuple(tokens.shape)}, {tuple(active.shape)}")
+    idx = torch.nonzero(active).flatten()  # [n]
+    out = torch.zeros(S, model.config.vocab_size, dtype=torch.float32, device=tokens.device)
+    if idx.numel() == 0:
+        return out
+    pos = cache.lengths[idx]  # [n] position of the new token
+    if int(pos.max()) >= cache.max_len:
+        raise ValueError(f"decode_step: a slot reached max_len={cache.max_len}")
+    base = model.model
+    h = base.embed_tokens(tokens[idx])  # [n, hidden]
+    cos, sin = rope_cos_sin(model.config, pos[:, None], h.dtype)  # [n, 1, D]
+    for i, layer in enumerate(base.layers):
+        x = layer.input_layernorm(h)
+        if i in cache.linear:
+            attn_out, new_state = layer.self_attn.step(x, cache.linear[i][idx])
+            cache.linear[i][idx] = new_state
+        else:
+            attn_out = _softmax_step(layer.self_attn, x, cos, sin, cache.k[i], cache.v[i], idx, pos)
+        h, _ = layer.feed_forward(layer.residual_attn(x, attn_out))
+    out[idx] = model.logits(base.norm(h)).float()
+    cache.lengths[idx] += 1
+    return out
+
+
+def _softmax_step(attn, x, cos, sin, k_cache, v_cache, idx, pos) -> torch.Tensor:
+    """Write this token's k, v at `pos` and attend over positions <= pos. x `[n, hidden]` -> `[n, hidden]`."""
+    q, k, v = attn.project(x[:, None], cos, sin)  # q [n, H, 1, D], k, v [n, Hkv, 1, D]
+    k_cache[idx, :, pos] = k[:, :, 0].to(k_cache.dtype)
+    v_cache[idx, :, pos] = v[:, :, 0].to(v_cache.dtype)
+    L = int(pos.max()) + 1  # attend only over the filled prefix of the longest active slot
+    keys, values = k_cache[idx, :, :L], v_cache[idx, :, :L]  # [n, Hkv, L, D]
+    mask = torch.arange(L, device=pos.device)[None, :] <= pos[:, None]  # [n, L]
+    return attn.attend(q, keys.to(q.dtype), values.to(q.dtype), mask[:, None, None, :], is_causal=False)[:, 0]
