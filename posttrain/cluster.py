@@ -42,7 +42,7 @@ class LearnerGroup:
     """`cluster.learners` DeepSpeed ranks, each a Ray actor holding a `Learner`."""
 
     def __init__(self, cluster: ClusterConfig, model_cfg: ModelConfig, init_path: Optional[str],
-                 *, vocab_size: int, seed: int):
+                 *, token_ids: dict[str, Any], seed: int):
         import ray
 
         from posttrain.learner import DistInfo, Learner
@@ -52,7 +52,7 @@ class LearnerGroup:
         threads = max(1, (os.cpu_count() or 1) // world)
         actor_cls = ray.remote(num_cpus=cluster.cpus_per_learner)(Learner)
         self.actors = [
-            actor_cls.remote(model_cfg, init_path, vocab_size=vocab_size, seed=seed,
+            actor_cls.remote(model_cfg, init_path, token_ids=token_ids, seed=seed,
                              dist=DistInfo(rank, world, "127.0.0.1", port), threads=threads)
             for rank in range(world)
         ]

@@ -40,11 +40,11 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TokenizerConfig:
-    """`char`/`bpe`: built with the `tokenizers` library; `path`: a saved HF tokenizer dir."""
+    """`char`: a character-level tokenizer built with the `tokenizers` library (digits are
+    single tokens, which the arithmetic tasks need); `path`: a saved HF tokenizer dir."""
 
-    kind: Literal["char", "bpe", "path"] = "char"
+    kind: Literal["char", "path"] = "char"
     path: Optional[str] = None
-    vocab_size: Optional[int] = None
 
 
 @dataclass(frozen=True)

@@ -73,8 +73,10 @@ class Learner:
     """One rank: model + DeepSpeed engine. Build with `Learner(...)`, then `configure(...)`
     once per stage (a new optimizer and schedule), then `train_step(...)` repeatedly."""
 
-    def __init__(self, model_cfg: ModelConfig, init_path: Optional[str], *, vocab_size: int,
+    def __init__(self, model_cfg: ModelConfig, init_path: Optional[str], *, token_ids: dict[str, Any],
                  seed: int, dist: DistInfo = DistInfo(), threads: Optional[int] = None):
+        """`token_ids`: vocab_size and pad/bos/eos ids of the run's tokenizer (a fresh preset
+        model is sized by them; a checkpoint is checked against them)."""
         from posttrain.models import build_model, load_model
 
         if threads:
@@ -86,7 +88,7 @@ class Learner:
         if init_path is not None:
             self.model = load_model(init_path, model_cfg)
         else:
-            self.model = build_model(model_cfg, vocab_size=vocab_size)
+            self.model = build_model(model_cfg, **token_ids)
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self.model.to(self.device)
         self.engine = None
@@ -100,8 +102,6 @@ class Learner:
         if self.engine is not None:  # a new stage: keep the weights, drop optimizer state
             self.model = self.engine.module
         self.model.train()
-        if self.model_cfg.gradient_checkpointing and hasattr(self.model, "gradient_checkpointing_enable"):
-            self.model.gradient_checkpointing_enable()
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, eps=optim.eps,
                                 weight_decay=optim.weight_decay)

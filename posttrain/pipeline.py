@@ -52,7 +52,7 @@ def prepare_tokenizer(cfg: TokenizerConfig, run_dir: Path):
 
     out = run_dir / "tokenizer"
     if not out.is_dir():
-        tok = load_tokenizer(cfg.path) if cfg.kind == "path" else build_tokenizer(cfg.kind, vocab_size=cfg.vocab_size)
+        tok = load_tokenizer(cfg.path) if cfg.kind == "path" else build_tokenizer(cfg.kind)
         with atomic_dir(out) as tmp:
             tok.save_pretrained(str(tmp))
     return load_tokenizer(str(out)), out
@@ -83,7 +83,7 @@ def run_recipe(cfg: RecipeConfig, *, resume: bool = False, overwrite: bool = Fal
                 console.rule(f"stage {i}: {stage.name} ({stage.kind})")
                 ctx = StageContext(cfg, run_dir, stage_dir, tokenizer, tok_dir, init_path, logger, console,
                                    seed=cfg.seed + i)
-                learners = LearnerGroup(cfg.cluster, cfg.model, init_path, vocab_size=len(tokenizer), seed=cfg.seed)
+                learners = LearnerGroup(cfg.cluster, cfg.model, init_path, token_ids=token_ids(tokenizer), seed=cfg.seed)
                 try:
                     manifest = STAGE_RUNNERS[stage.kind](ctx, stage, learners)
                 finally:
@@ -98,6 +98,12 @@ def run_recipe(cfg: RecipeConfig, *, resume: bool = False, overwrite: bool = Fal
     write_json_atomic(run_dir / "summary.json", summary)
     console.print(summary_table(summary))
     return summary
+
+
+def token_ids(tokenizer: Any) -> dict[str, Any]:
+    """What a fresh model needs from the tokenizer: vocabulary size and special ids."""
+    return {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
 
 
 def summary_table(summary: dict[str, Any]) -> Table:

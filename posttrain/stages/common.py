@@ -110,7 +110,7 @@ def exact_match_eval(ctx: StageContext, learners: Any, records: Sequence[Any], t
                      cfg: EvalConfig) -> dict[str, float]:
     """Greedy-decode each eval prompt on learner rank 0 and compare with its answer."""
     from posttrain.data import TASKS, encode_prompt
-    from posttrain.rollout.generate import greedy_generate
+    from posttrain.generation import greedy_generate
 
     records = list(records)[: cfg.limit] if cfg.limit else list(records)
     if not records:

@@ -16,6 +16,7 @@ import torch
 from posttrain.config import ClusterConfig, LearnerConfig, ModelConfig, OptimConfig, ScheduleConfig
 from posttrain.data import build_tokenizer, collate, encode_sft, load_records, write_task
 from posttrain.models import build_model, forward_hidden, token_logprobs
+from posttrain.pipeline import token_ids
 
 # The router loss is not additive over micro-batches (a product of batch means), so it is
 # switched off here; the objective weights it per micro-batch by token share.
@@ -37,7 +38,7 @@ def setup(tmp_path_factory, ray_local):
 
 def reference_update(tok, examples) -> dict[str, torch.Tensor]:
     torch.manual_seed(SEED)
-    model = build_model(MODEL, vocab_size=len(tok))
+    model = build_model(MODEL, **token_ids(tok))
     batch = collate(examples, tok.pad_token_id)
     hidden, aux = forward_hidden(model, batch.input_ids, position_ids=batch.position_ids)
     logp = token_logprobs(model, hidden, batch.targets)
@@ -55,7 +56,7 @@ def learner_update(tok, examples, *, learners: int, micro: int, zero: int) -> di
     from posttrain.stages.common import shard
 
     group = LearnerGroup(ClusterConfig(learners=learners, cpus_per_learner=0.5), MODEL, None,
-                         vocab_size=len(tok), seed=SEED)
+                         token_ids=token_ids(tok), seed=SEED)
     try:
         group.configure(OPTIM, SCHED, LearnerConfig(zero_stage=zero), 10)
         per_rank = [[collate(mb, tok.pad_token_id) for mb in rank] for rank in shard(examples, learners, micro)]
@@ -73,7 +74,7 @@ def max_rel_diff(a: dict, b: dict) -> float:
 def test_update_changes_weights_and_matches_reference(setup):
     tok, examples = setup
     torch.manual_seed(SEED)
-    init = build_model(MODEL, vocab_size=len(tok)).state_dict()
+    init = build_model(MODEL, **token_ids(tok)).state_dict()
     ref = reference_update(tok, examples)
     assert max_rel_diff(ref, init) > 1e-4  # the step did move the weights
     one_by_eight = learner_update(tok, examples, learners=1, micro=8, zero=0)
