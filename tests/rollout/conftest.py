@@ -6,6 +6,16 @@ from transformers import MiniMaxConfig, MiniMaxForCausalLM
 LT, FA = "linear_attention", "full_attention"
 
 
+@pytest.fixture(autouse=True, scope="package")
+def _one_torch_thread():
+    """Tiny matmuls gain nothing from intra-op threads, and on a shared 2-core box OpenMP
+    spinning under contention made these tests ~40x slower. Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_config(**overrides) -> MiniMaxConfig:
     """4 layers, lightning first (the layout that trips transformers' padded decode), 2 softmax."""
     kw = dict(

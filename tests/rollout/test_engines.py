@@ -9,7 +9,7 @@ import torch
 from posttrain.rollout.sampling import early_stop_length
 from posttrain.rollout.types import SamplingParams
 
-ENGINE_NAMES = ["hf"]  # native added with its engine
+ENGINE_NAMES = ["hf", "native"]
 
 
 @pytest.fixture(params=ENGINE_NAMES)
