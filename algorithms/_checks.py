@@ -136,14 +136,20 @@ def validate_token_inputs(
     return keep, maskf, cleaned
 
 
-def validate_advantages(advantages: Tensor, batch: int) -> Tensor:
-    """``advantages`` is ``[B]`` (one per sequence); returns it detached as ``[B, 1]``."""
+def validate_advantages(advantages: Tensor, keep: Tensor) -> Tensor:
+    """``advantages`` is ``[B]`` (one per sequence) or ``[B, T]`` (per token, e.g. for packed
+    rows); returns it detached as ``[B, 1]`` or ``[B, T]`` (0 at padding)."""
     if not isinstance(advantages, Tensor):
         raise ValueError(f"advantages must be a torch.Tensor, got {type(advantages).__name__}")
-    if advantages.dim() != 1 or advantages.shape[0] != batch:
+    b, t = keep.shape
+    if tuple(advantages.shape) == (b, t) and advantages.dim() == 2:
+        adv = as_float("advantages", advantages).detach()
+        check_finite("advantages", adv, keep)
+        return zero_masked(adv, keep)
+    if advantages.dim() != 1 or advantages.shape[0] != b:
         raise ValueError(
-            f"advantages has shape {tuple(advantages.shape)}, expected ({batch},): one value per sequence "
-            "of logprobs [B, T]"
+            f"advantages has shape {tuple(advantages.shape)}, expected ({b},): one value per sequence "
+            f"of logprobs [B, T] (or ({b}, {t}) per token)"
         )
     adv = as_float("advantages", advantages).detach()
     check_finite("advantages", adv)

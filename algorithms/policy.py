@@ -2,9 +2,11 @@
 
 Shapes: ``logprobs``, ``old_logprobs``, ``ref_logprobs``, ``mask`` are ``[B, T]`` over
 completion tokens (``mask`` 0/1 float or bool); ``advantages`` is ``[B]``, broadcast over a
-sequence's tokens. ``old_logprobs`` are the learner's log-probs of the policy that sampled
-the batch (detached); pass ``is_weight`` from :func:`rollout_correction` to correct for the
-rollout engine not being exactly that policy (TIS/MIS).
+sequence's tokens (a ``[B, T]`` per-token advantage is accepted too). One row is one
+sequence: ``seq_mean`` and ``ratio_level="sequence"`` work per row. ``old_logprobs`` are
+the learner's log-probs of the policy that sampled the batch (detached); pass ``is_weight``
+from :func:`rollout_correction` to correct for the rollout engine not being exactly that
+policy (TIS/MIS).
 
 Both losses return ``(loss, metrics)``; metrics are detached 0-dim tensors computed over
 this micro-batch's tokens.
@@ -110,7 +112,7 @@ def grpo_loss(
         raise ValueError(f"kl_coef={kl_coef} needs ref_logprobs")
     keep, maskf, t = validate_token_inputs(logprobs, mask, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs)
     logp, old, ref = t["logprobs"], t["old_logprobs"], t["ref_logprobs"]
-    adv = validate_advantages(advantages, logp.shape[0]).to(logp.dtype)  # [B, 1]
+    adv = validate_advantages(advantages, keep).to(logp.dtype)  # [B, 1] or [B, T]
     weight = validate_weight("is_weight", is_weight, keep)  # [B, T] or None
 
     ratio = torch.exp(_log_ratio(logp, old, maskf, ratio_level))  # [B, T]
@@ -188,7 +190,7 @@ def cispo_loss(
         raise ValueError(f"eps_low must be in [0, 1] or None, got {eps_low}")
     keep, maskf, t = validate_token_inputs(logprobs, mask, old_logprobs=old_logprobs)
     logp, old = t["logprobs"], t["old_logprobs"]
-    adv = validate_advantages(advantages, logp.shape[0]).to(logp.dtype)  # [B, 1]
+    adv = validate_advantages(advantages, keep).to(logp.dtype)  # [B, 1] or [B, T]
     weight = validate_weight("is_weight", is_weight, keep)
 
     r = torch.exp(_log_ratio(logp, old, maskf, "token")).detach()  # [B, T]

@@ -67,7 +67,9 @@ def test_shape_errors_name_the_argument():
     with pytest.raises(ValueError, match=r"mask has shape \(2, 4\)"):
         cispo_loss(logp, old, adv, mask[:2], eps_high=0.2)
     with pytest.raises(ValueError, match="advantages has shape"):
-        grpo_loss(logp, old, adv.unsqueeze(1).expand(B, T), mask)
+        grpo_loss(logp, old, adv[:2], mask)
+    with pytest.raises(ValueError, match="advantages has shape"):
+        cispo_loss(logp, old, torch.zeros(B, T + 1), mask, eps_high=0.2)
     with pytest.raises(ValueError, match=r"ref_logprobs has shape"):
         grpo_loss(logp, old, adv, mask, ref_logprobs=old[:1], kl_coef=0.1)
     with pytest.raises(ValueError, match=r"logprobs must be \[B, T\]"):

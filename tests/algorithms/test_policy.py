@@ -283,6 +283,17 @@ def test_cispo_sharding_with_global_num_tokens():
     torch.testing.assert_close(g, g_whole)
 
 
+def test_per_token_advantages_equal_broadcast_sequence_advantages():
+    logp, old, ref, mask, adv = make_batch(seed=10, spread=0.5)
+    per_token = adv.unsqueeze(1).expand(B, T).clone()
+    per_token[~mask.bool()] = float("nan")  # padding is ignored
+    for fn in (
+        lambda a: grpo_loss(logp, old, a, mask, ref_logprobs=ref, kl_coef=0.1, neg_adv_drop_ratio=1.2)[0],
+        lambda a: cispo_loss(logp, old, a, mask, eps_high=0.2)[0],
+    ):
+        torch.testing.assert_close(fn(per_token), fn(adv))
+
+
 def test_metrics_are_detached_scalars():
     logp, old, ref, mask, adv = make_batch()
     a = leaf(logp)
