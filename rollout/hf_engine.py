@@ -11,6 +11,7 @@ do depend on batch composition, because transformers draws from one shared RNG).
 """
 from __future__ import annotations
 
+import re
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -130,4 +131,33 @@ class HFEngine:
         return [group[i:i + size] for group in by_len.values() for i in range(0, len(group), size)]
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        load_named_tensors(self.model, named_tensors)
+        """In-memory names, or for MiniMax models the checkpoint names our learner uses."""
+        resolve = None
+        if getattr(self.model.config, "model_type", None) == "minimax":
+            resolve = lambda name: minimax_checkpoint_view(self.model, name)  # noqa: E731
+        load_named_tensors(self.model, named_tensors, resolve)
+
+
+_MINIMAX_EXPERT = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight$")
+_MINIMAX_GATE = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.gate\.weight$")
+
+
+def minimax_checkpoint_view(model: torch.nn.Module, name: str) -> Optional[torch.Tensor]:
+    """The slice of transformers' MiniMaxForCausalLM that a checkpoint-layout name refers to.
+
+    Checkpoints (and posttrain.models.HybridForCausalLM) name experts `block_sparse_moe.experts.
+    {e}.w1/w2/w3` (gate/down/up); transformers 5 fuses them in memory as
+    `mlp.experts.gate_up_proj[e] = cat(w1, w3)` `[E, 2I, H]` and `down_proj[e] = w2` `[E, H, I]`.
+    Returns a view to copy into, or None when `name` is not such a name.
+    """
+    if match := _MINIMAX_GATE.match(name):
+        return model.model.layers[int(match.group(1))].mlp.gate.weight
+    if match := _MINIMAX_EXPERT.match(name):
+        layer, expert, which = int(match.group(1)), int(match.group(2)), match.group(3)
+        experts = model.model.layers[layer].mlp.experts
+        inter = experts.down_proj.shape[-1]
+        if which == "w2":
+            return experts.down_proj[expert]
+        fused = experts.gate_up_proj[expert]  # [2I, H]: gate rows then up rows
+        return fused[:inter] if which == "w1" else fused[inter:]
+    return None

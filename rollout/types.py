@@ -14,7 +14,7 @@ mismatch metrics). Greedy decoding (T == 0) reports log_softmax(logits) (i.e. T 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Literal, Optional, Protocol, Sequence, runtime_checkable
+from typing import Callable, Iterable, Literal, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -121,20 +121,31 @@ class RolloutEngine(Protocol):
         ...
 
 
-def load_named_tensors(model: torch.nn.Module, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+TensorResolver = Callable[[str], Optional[torch.Tensor]]
+
+
+def load_named_tensors(
+    model: torch.nn.Module,
+    named_tensors: Iterable[tuple[str, torch.Tensor]],
+    resolve: Optional[TensorResolver] = None,
+) -> int:
     """Copy `named_tensors` into `model`'s parameters/buffers of the same name, in place.
 
-    Casts to each target's dtype/device. Raises KeyError naming an unknown tensor and ValueError on
-    a shape mismatch. Returns how many tensors were loaded. Shared by the hf and native engines.
+    `resolve(name)` may map names the model does not have to a view of one of its tensors (e.g.
+    checkpoint-layout expert weights into transformers' fused expert tensors); None = unknown.
+    Casts to each target's dtype/device. Raises KeyError naming an unknown tensor and ValueError
+    on a shape mismatch. Returns how many tensors were loaded. Shared by the hf and native engines.
     """
     targets = dict(model.named_parameters())
     targets.update(dict(model.named_buffers()))
     count = 0
     with torch.no_grad():
         for name, tensor in named_tensors:
-            if name not in targets:
+            dst = targets.get(name)
+            if dst is None and resolve is not None:
+                dst = resolve(name)
+            if dst is None:
                 raise KeyError(f"load_weights: model has no parameter or buffer named {name!r}")
-            dst = targets[name]
             if dst.shape != tensor.shape:
                 raise ValueError(
                     f"load_weights: {name!r} has shape {tuple(tensor.shape)}, model expects {tuple(dst.shape)}"
