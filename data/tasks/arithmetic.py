@@ -6,9 +6,9 @@ which include 0); the completion is the exact integer result, e.g. prompt "123-4
 completion "-333". With the char tokenizer a 4-digit problem is ~20 tokens after templating.
 
 Difficulty knobs: `min_digits`/`max_digits` (carries grow with digits), `ops` ("-" adds
-borrows and signs, "*" is much harder for tiny models). Defaults (2-3 digits, + and -) are
-meant to leave a ~3-5M parameter model trained a few CPU minutes clearly above chance
-(chance is ~0.1-1% exact match) but well below 100%.
+borrows and signs, "*" is much harder for tiny models). The defaults (2-3 digits, + and -)
+are a starting point for a ~3-5M parameter model trained a few CPU minutes, meant to land
+clearly above chance and below 100%; they are not calibrated yet, tune with the knobs.
 
 Files written by `write` (all jsonl, loadable with posttrain.data.load_records):
 
@@ -18,7 +18,7 @@ Files written by `write` (all jsonl, loadable with posttrain.data.load_records):
                                       several completions, label them with `check`)
     task.json                         the parameters used
 
-Eval problems never appear in any train file (checked by prompt). Output is a pure function
+Eval problems are distinct and never appear in any train file (checked by prompt). Output is a pure function
 of the arguments (random.Random seeded per split from `seed`).
 """
 from __future__ import annotations
@@ -52,18 +52,24 @@ def _space_size(min_digits: int, max_digits: int, n_ops: int) -> int:
     return per_operand * per_operand * n_ops
 
 
-def _sample(rng: random.Random, n: int, exclude: set[str], knobs: tuple) -> list[tuple[str, str, str]]:
-    """n distinct problems whose prompts are not in `exclude` (rejection sampling)."""
+def _sample_distinct(rng: random.Random, n: int, knobs: tuple) -> list[tuple[str, str, str]]:
+    """n problems with distinct prompts (rejection sampling; the caller checks the space)."""
     out: list[tuple[str, str, str]] = []
-    seen = set(exclude)
-    budget = 50 * n + 1000
+    seen: set[str] = set()
     while len(out) < n:
-        budget -= 1
-        if budget < 0:
-            raise ValueError(f"arithmetic: cannot draw {n} distinct problems with {knobs}; widen the digit range or ops")
         p = make_problem(rng, *knobs)
         if p[0] not in seen:
             seen.add(p[0])
+            out.append(p)
+    return out
+
+
+def _sample_iid(rng: random.Random, n: int, exclude: set[str], knobs: tuple) -> list[tuple[str, str, str]]:
+    """n i.i.d. problems from the distribution restricted to prompts outside `exclude`."""
+    out: list[tuple[str, str, str]] = []
+    while len(out) < n:
+        p = make_problem(rng, *knobs)
+        if p[0] not in exclude:
             out.append(p)
     return out
 
@@ -82,8 +88,9 @@ def write(
 ) -> dict[str, Path]:
     """Write the arithmetic datasets into out_dir; returns {name: path} (see module docstring).
 
-    n_rl_train defaults to n_train. SFT train, RL train and prompts are independent draws
-    (they may share problems); eval problems are disjoint from all of them.
+    n_rl_train defaults to n_train. Eval problems are distinct; SFT train, RL train and
+    prompts are independent i.i.d. draws of the same distribution minus the eval problems
+    (so they may repeat problems, which only matters for tiny spaces such as 1-digit).
     """
     if not 1 <= min_digits <= max_digits:
         raise ValueError(f"need 1 <= min_digits <= max_digits, got {min_digits}, {max_digits}")
@@ -93,17 +100,18 @@ def write(
     n_rl_train = n_train if n_rl_train is None else n_rl_train
     knobs = (min_digits, max_digits, tuple(ops))
     space = _space_size(min_digits, max_digits, len(set(ops)))
-    if n_eval + max(n_train, n_rl_train, n_prompts) > space:
-        raise ValueError(f"arithmetic: only {space} distinct problems with {knobs}, asked for eval {n_eval} + train {max(n_train, n_rl_train, n_prompts)}")
+    if n_eval > space // 2:
+        # Held-out problems must leave most of the space (and of its probability) to training.
+        raise ValueError(f"arithmetic: only {space} distinct problems with {knobs}; n_eval={n_eval} must be <= {space // 2}")
 
     def rng(split: str) -> random.Random:
         return random.Random(f"{NAME}/{seed}/{split}")
 
-    eval_set = _sample(rng("eval"), n_eval, set(), knobs)
+    eval_set = _sample_distinct(rng("eval"), n_eval, knobs)
     held_out = {p for p, _, _ in eval_set}
-    train = _sample(rng("sft_train"), n_train, held_out, knobs)
-    rl_train = _sample(rng("rl_train"), n_rl_train, held_out, knobs)
-    prompts = _sample(rng("prompts"), n_prompts, held_out, knobs)
+    train = _sample_iid(rng("sft_train"), n_train, held_out, knobs)
+    rl_train = _sample_iid(rng("rl_train"), n_rl_train, held_out, knobs)
+    prompts = _sample_iid(rng("prompts"), n_prompts, held_out, knobs)
 
     def sft(rows):
         return [{"prompt": p, "completion": a, "op": op} for p, a, op in rows]

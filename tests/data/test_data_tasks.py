@@ -38,8 +38,8 @@ PROBLEM = re.compile(r"^(\d+)([+\-*])(\d+)=$")
 
 @pytest.mark.parametrize("knobs", [dict(), dict(min_digits=4, max_digits=4, ops=("+", "-", "*")), dict(min_digits=1, max_digits=1)])
 def test_arithmetic_answers_correct_and_eval_held_out(tmp_path, knobs):
-    # 1-digit + and - has only 200 distinct problems: eval 60 + train 120 still fits
-    files = arithmetic.write(tmp_path, n_train=120, n_eval=60, n_prompts=30, seed=0, **knobs)
+    # 1-digit + and - has only 200 distinct problems: train still draws 400 (with repeats)
+    files = arithmetic.write(tmp_path, n_train=400, n_eval=60, n_prompts=30, seed=0, **knobs)
     lo, hi = knobs.get("min_digits", 2), knobs.get("max_digits", 3)
     sft = load_records(files["sft_train"], "prompt_completion").records
     rl_eval = load_records(files["rl_eval"], "rl").records
@@ -51,7 +51,8 @@ def test_arithmetic_answers_correct_and_eval_held_out(tmp_path, knobs):
     train_prompts |= {r.prompt for r in load_records(files["rl_train"], "rl").records}
     train_prompts |= {r.prompt for r in load_records(files["prompts"], "rl").records}
     assert not train_prompts & {r.prompt for r in rl_eval}
-    assert len({r.prompt for r in sft}) == len(sft)
+    assert len({r.prompt for r in rl_eval}) == len(rl_eval) == 60
+    assert len(sft) == 400
 
 
 def test_arithmetic_sequences_are_short_and_round_trip(tmp_path):
@@ -64,8 +65,8 @@ def test_arithmetic_sequences_are_short_and_round_trip(tmp_path):
 
 
 def test_arithmetic_rejects_impossible_requests(tmp_path):
-    with pytest.raises(ValueError, match="distinct problems"):
-        arithmetic.write(tmp_path, n_train=150, n_eval=60, min_digits=1, max_digits=1, ops=("+",))
+    with pytest.raises(ValueError, match="only 100 distinct problems"):
+        arithmetic.write(tmp_path, n_train=10, n_eval=60, min_digits=1, max_digits=1, ops=("+",))
     with pytest.raises(ValueError, match="ops"):
         arithmetic.write(tmp_path, ops=("/",))
 
