@@ -18,8 +18,8 @@ Files written by `write` (all jsonl, loadable with posttrain.data.load_records):
                                       several completions, label them with `check`)
     task.json                         the parameters used
 
-Eval problems are distinct and never appear in any train file (checked by prompt). Output is a pure function
-of the arguments (random.Random seeded per split from `seed`).
+Eval problems are distinct and never appear in any train file (checked by prompt). Output
+is a pure function of the arguments (random.Random seeded per split from `seed`).
 """
 from __future__ import annotations
 
