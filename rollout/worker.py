@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Literal, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Literal, Optional, Sequence
 
 import torch
 from torch import nn
 
+from posttrain.config import ModelConfig
 from posttrain.rollout.types import Completion, RolloutBatch, RolloutEngine, SamplingParams
 
 
@@ -47,6 +48,8 @@ def _build_native(model: nn.Module, config: RolloutConfig) -> RolloutEngine:
 
     return NativeEngine(model, num_slots=config.max_slots, max_len=config.max_len)
 
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Engine name -> builder(model, config). "vllm" joins here when its engine exists.
 ENGINES: dict[str, Callable[[nn.Module, RolloutConfig], RolloutEngine]] = {
@@ -95,19 +98,36 @@ class RolloutWorker:
         self.engine: RolloutEngine = ENGINES[config.engine](model, config)
 
     @classmethod
-    def from_pretrained(
-        cls, config: RolloutConfig, path: str, dtype: torch.dtype = torch.float32, device: str = "cpu"
-    ) -> "RolloutWorker":
-        """Load a Hugging Face checkpoint dir: transformers' class for hf, ours for native."""
-        if config.engine == "native":
-            from posttrain.models.hybrid import HybridForCausalLM
+    def from_model_config(cls, config: RolloutConfig, model_config: ModelConfig, **token_ids: Any) -> "RolloutWorker":
+        """Build the engine's model from the run's ModelConfig (token_ids: vocab_size and special
+        ids, as for posttrain.models.build_model).
 
-            model = HybridForCausalLM.from_pretrained(path, dtype=dtype)
-        else:
+        native: posttrain.models.build_model (our HybridForCausalLM; a non-MiniMax path fails).
+        hf: transformers' own classes, the reference: AutoModelForCausalLM for a path,
+        MiniMaxForCausalLM of the preset's config for a preset (random weights until the first
+        update_weights). Its LM head runs in the model dtype (fp32 only when the model is fp32).
+        """
+        from posttrain.models import HybridForCausalLM, build_model, preset_config
+
+        dtype = _DTYPES[model_config.dtype]
+        if config.engine == "native":
+            model = build_model(model_config, **token_ids)
+            if not isinstance(model, HybridForCausalLM):
+                raise ValueError(
+                    f"rollout.engine='native' needs a MiniMax hybrid model; model.path={model_config.path} "
+                    f"loads as {type(model).__name__} (use engine 'hf')"
+                )
+        elif model_config.path is not None:
             from transformers import AutoModelForCausalLM
 
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        return cls(config, model.to(device).eval())
+            model = AutoModelForCausalLM.from_pretrained(model_config.path, dtype=dtype)
+        else:
+            from transformers import MiniMaxForCausalLM
+
+            hf_config = preset_config(model_config.preset, model_config.overrides,
+                                      fp32_lm_head=model_config.fp32_lm_head, **token_ids)
+            model = MiniMaxForCausalLM(hf_config).to(dtype)
+        return cls(config, model.eval())
 
     @property
     def policy_version(self) -> int:

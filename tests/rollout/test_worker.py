@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from posttrain.config import ModelConfig
 from posttrain.models.hybrid import HybridForCausalLM
 from posttrain.rollout.types import SamplingParams
 from posttrain.rollout.worker import RolloutConfig, RolloutWorker, weight_buckets
@@ -21,7 +22,8 @@ def new_policy(hf_tiny):
 
 @pytest.mark.parametrize("engine", ["hf", "native"])
 def test_update_weights_switches_policy(engine, tiny_dir, new_policy, prompts, recompute_logprobs):
-    worker = RolloutWorker.from_pretrained(RolloutConfig(engine=engine, max_slots=4, weight_bucket_mb=0.02), tiny_dir)
+    worker = RolloutWorker.from_model_config(
+        RolloutConfig(engine=engine, max_slots=4, weight_bucket_mb=0.02), ModelConfig(path=tiny_dir))
     greedy = SamplingParams(n=2, temperature=0.0, max_new_tokens=10)
     sampled = SamplingParams(n=2, temperature=0.8, max_new_tokens=10, seed=0)
     before = worker.generate(prompts, greedy)
@@ -47,7 +49,7 @@ def test_update_weights_switches_policy(engine, tiny_dir, new_policy, prompts, r
 
 
 def test_generate_metrics(tiny_dir, prompts):
-    worker = RolloutWorker.from_pretrained(RolloutConfig(engine="native", max_slots=3), tiny_dir)
+    worker = RolloutWorker.from_model_config(RolloutConfig(engine="native", max_slots=3), ModelConfig(path=tiny_dir))
     batch = worker.generate(prompts, SamplingParams(n=2, temperature=1.0, max_new_tokens=6, seed=0, stop_token_ids=(2, 3)))
     m = batch.metrics
     assert m["rollout/tokens"] == sum(len(c.token_ids) for c in batch.completions)
@@ -64,3 +66,17 @@ def test_weight_buckets_respect_size():
 def test_config_rejects_unknown_engine():
     with pytest.raises(ValueError, match="'vllm' is not one of"):
         RolloutConfig(engine="vllm")
+
+
+def test_preset_workers_build_both_engines():
+    """hf runs transformers' MiniMaxForCausalLM, native our model, from the same preset config."""
+    cfg = ModelConfig(preset="tiny-hybrid", overrides={"num_hidden_layers": 2})
+    native = RolloutWorker.from_model_config(RolloutConfig(engine="native", max_slots=2), cfg, vocab_size=48)
+    hf = RolloutWorker.from_model_config(RolloutConfig(engine="hf"), cfg, vocab_size=48)
+    assert type(hf.engine.model).__name__ == "MiniMaxForCausalLM"
+    hf.update_weights(native.engine.model.named_parameters(), version=1)
+    params = SamplingParams(n=1, temperature=0.0, max_new_tokens=8)
+    a = native.generate([[1, 2, 3]], params).completions[0]
+    b = hf.generate([[1, 2, 3]], params).completions[0]
+    assert a.token_ids == b.token_ids
+    assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
