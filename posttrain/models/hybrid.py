@@ -348,6 +348,7 @@ class HybridForCausalLM(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["DecoderLayer"]
+    _supports_sdpa = True  # softmax layers always use torch SDPA; lets configs that say "sdpa" load
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     # transformers persists its precomputed decay tables; we recompute them on the fly
     _keys_to_ignore_on_load_unexpected = [r"self_attn\.(slope_rate|query_decay|key_decay|diagonal_decay)$"]
@@ -357,6 +358,11 @@ class HybridForCausalLM(PreTrainedModel):
         self.model = HybridModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    def get_correct_experts_implementation(self, requested_experts: Optional[str]) -> str:
+        # SparseMoE has a single (per-expert loop) implementation; a config that transformers
+        # prepared may request another one, which we accept and ignore
+        return "eager"
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
