@@ -76,7 +76,8 @@ class HFEngine:
             top_p=params.top_p if sample and params.top_p < 1.0 else None,
             max_new_tokens=params.max_new_tokens,
             min_new_tokens=0,
-            eos_token_id=list(params.stop_token_ids) or None,
+            # [] (not None): None would fall back to the model's own eos and stop/pad rows early.
+            eos_token_id=list(params.stop_token_ids),
             pad_token_id=self.pad_id,
             repetition_penalty=None,
             num_beams=1,

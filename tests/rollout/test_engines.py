@@ -111,3 +111,18 @@ def test_load_weights_changes_outputs(engine_and_model, prompts, recompute_logpr
             engine.load_weights([("no_such.weight", original)])
     finally:
         engine.load_weights([("lm_head.weight", original)])
+
+
+def test_hf_ignores_model_default_eos(tiny_engines, prompts):
+    """Stop ids come only from SamplingParams: a model whose generation_config names an eos that
+    greedy decoding emits mid-way must still generate max_new_tokens (not stop and pad)."""
+    engine, model = tiny_engines["hf"]
+    params = SamplingParams(temperature=0.0, max_new_tokens=12)
+    (free,) = engine.generate([prompts[0]], params)
+    saved = model.generation_config.eos_token_id
+    try:
+        model.generation_config.eos_token_id = free.token_ids[3]
+        (again,) = engine.generate([prompts[0]], params)
+    finally:
+        model.generation_config.eos_token_id = saved
+    assert again.token_ids == free.token_ids and again.finish_reason == "length"
