@@ -32,7 +32,7 @@ LINEAR, FULL = "linear_attention", "full_attention"
 
 def lm_head_fp32(config) -> bool:
     """Whether the LM head runs in fp32 (our extra config attribute; absent = False)."""
-    return bool(config.to_dict().get("posttrain_fp32_lm_head", False))
+    return bool(vars(config).get("posttrain_fp32_lm_head", False))
 
 
 class RMSNorm(nn.Module):
@@ -278,8 +278,8 @@ class HybridModel(nn.Module):
         """input_ids `[B, T]`; position_ids `[B, T]` (RoPE only); cu_seqlens int32 `[N+1]` (B == 1,
         see posttrain.models.varlen); attention_mask `[B, T]` 1 = token, 0 = padding."""
         B, T = input_ids.shape
-        if cu_seqlens is not None and B != 1:
-            raise ValueError(f"cu_seqlens needs a single packed row (B == 1), got B={B}")
+        if cu_seqlens is not None and (B != 1 or attention_mask is not None):
+            raise ValueError(f"cu_seqlens needs a single packed row (B == 1, got {B}) and no attention_mask")
         if position_ids is None:
             position_ids = (
                 positions_from_cu_seqlens(cu_seqlens)

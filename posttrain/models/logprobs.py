@@ -34,7 +34,8 @@ def forward_hidden(
     needed for left padding and to keep padding out of the router loss.
 
     Returns (hidden `[B, T, D]`, aux 0-dim fp32 tensor = router_aux_loss_coef * load-balancing
-    loss over all tokens (unmasked) of all layers; 0 for dense models). Add aux to the loss as is.
+    loss over the tokens of all layers (those with attention_mask 1 when it is given); 0 for
+    dense models). Add aux to the loss as is. cu_seqlens and attention_mask are exclusive.
     """
     if isinstance(model, HybridForCausalLM):
         out = model.model(input_ids, position_ids=position_ids, cu_seqlens=cu_seqlens, attention_mask=attention_mask)
