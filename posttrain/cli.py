@@ -35,7 +35,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # Overrides may come before or after flags (`run demo --resume a=1`): argparse stops the
+    # positional list at the first flag, so the rest arrives here as unknown arguments.
+    args, rest = parser.parse_known_args(argv)
+    stray = [r for r in rest if "=" not in r or r.startswith("-")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if rest:
+        args.overrides = [*getattr(args, "overrides", []), *rest]
     console = Console()
     if args.verb is None:
         _parser().print_help()

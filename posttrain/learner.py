@@ -148,8 +148,8 @@ class Learner:
             eng.backward(loss * self.dist.world_size, scale_wrt_gas=False)
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
-        grad_norm = eng.get_global_grad_norm() if n else None
         eng.step()
+        grad_norm = eng.get_global_grad_norm()  # computed by the step (before clipping)
         self.step += 1
         out = _all_reduce_sum(totals)
         out["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")

@@ -19,8 +19,11 @@ from posttrain.models import forward_hidden, token_logprobs
 def policy_logprobs(model: torch.nn.Module, batch: Batch, *, chunk_size: int = 1024,
                     with_entropy: bool = False):
     """Log-prob of each target token `[B, T]` (0 where targets == IGNORE_INDEX), router aux loss."""
+    # The attention mask keeps right padding out of the router loss and out of attention:
+    # without it, padded positions (no loss of their own) feed exploding gradients back
+    # through the lightning layers' output norm.
     hidden, aux = forward_hidden(model, batch.input_ids, position_ids=batch.position_ids,
-                                 cu_seqlens=batch.cu_seqlens)
+                                 cu_seqlens=batch.cu_seqlens, attention_mask=batch.attention_mask)
     out = token_logprobs(model, hidden, batch.targets, chunk_size=chunk_size, with_entropy=with_entropy)
     return out, aux
 
