@@ -75,6 +75,10 @@ class DataConfig:
     task_args: dict[str, Any] = field(default_factory=dict)
     on_bad_row: Literal["error", "skip"] = "error"
     max_seq_len: int = 512
+    # sft only: pack tokenised examples into rows of max_seq_len (posttrain.data.pack, best-fit
+    # decreasing); pack_mode "split" cuts longer examples into pieces instead of truncating
+    pack: bool = False
+    pack_mode: Literal["bfd", "split"] = "bfd"
 
 
 @dataclass(frozen=True)
@@ -97,7 +101,11 @@ class ScheduleConfig:
 
 @dataclass(frozen=True)
 class BatchConfig:
-    """Sequences per optimizer step (across all learners) and per micro-batch."""
+    """Sequences per optimizer step (across all learners) and per micro-batch.
+
+    With `data.pack` the unit is a packed row of up to data.max_seq_len tokens instead of a
+    sequence: global_size rows per step (<= global_size x max_seq_len tokens) and micro_size
+    must be 1 (one packed row per micro-batch bounds the activation memory)."""
 
     global_size: int = 32
     micro_size: int = 8
@@ -121,6 +129,7 @@ class LearnerConfig:
     zero_stage: Literal[0, 1, 2, 3] = 0
     offload_optimizer: bool = False
     loss_chunk_size: int = 1024  # tokens per chunk of the LM-head cross-entropy
+    gradient_checkpointing: Optional[bool] = None  # recompute layer activations; null: model.gradient_checkpointing
 
 
 @dataclass(frozen=True)
@@ -137,6 +146,9 @@ class SFTStageConfig:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     init_from: Optional[str] = None  # a previous stage's name; default: the previous stage
     log_every: int = 1
+    # model config keys set when this stage's learners load their starting checkpoint, on top
+    # of model.overrides (long context: {rope_parameters: {rope_type: default, rope_theta: 1.0e7}})
+    model_overrides: dict[str, Any] = field(default_factory=dict)
 
 
 # Stage kinds are chosen by their `kind` key (see posttrain.schema's union handling).
@@ -241,6 +253,11 @@ def _validate_stage(st: SFTStageConfig, key: str) -> None:
             raise ConfigError(f"{key}.data.{k}: file not found: {p}")
     if st.steps <= 0:
         raise ConfigError(f"{key}.steps: must be positive, got {st.steps}")
+    if d.pack and not isinstance(st, SFTStageConfig):
+        raise ConfigError(f"{key}.data.pack: only sft stages pack their data")
+    if d.pack and st.batch.micro_size != 1:
+        raise ConfigError(f"{key}.batch.micro_size: must be 1 with data.pack (one packed row of "
+                          f"data.max_seq_len tokens per micro-batch), got {st.batch.micro_size}")
     b = st.batch
     if b.micro_size <= 0 or b.global_size <= 0 or b.global_size % b.micro_size:
         raise ConfigError(f"{key}.batch: global_size ({b.global_size}) must be a positive multiple of micro_size ({b.micro_size})")

@@ -1,16 +1,25 @@
 """The `sft` stage: supervised fine-tuning on completion / assistant tokens only.
 
-Loop: load data -> tokenize -> (resume) -> for each optimizer step: pick the step's
-examples, shard them over learner ranks into micro-batches, one learner step with the SFT
-objective (token-mean NLL over the whole step) -> log -> periodic eval and resumable state
--> final eval, checkpoint and manifest.
+Loop: load data -> tokenize -> (pack) -> (resume) -> for each optimizer step: pick the
+step's examples, shard them over learner ranks into micro-batches, one learner step with
+the SFT objective (token-mean NLL over the whole step) -> log -> periodic eval and
+resumable state -> final eval, checkpoint and manifest.
+
+Long context (`data.pack: true`): the tokenised examples are packed once (best-fit
+decreasing, deterministic) into rows of at most `data.max_seq_len` tokens; a step then
+samples `batch.global_size` rows and each micro-batch is one row [1, T] with cu_seqlens, so
+documents never see each other and positions restart per document. The normaliser is still
+the number of target tokens of the whole step. Eval rows with `length`/`depth` metadata
+(the needle task) get retrieval accuracy per cell and a heatmap (posttrain.evals).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence, Union
 
-from posttrain.config import SFTStageConfig
-from posttrain.data import collate, encode_sft
+from posttrain.config import DataConfig, SFTStageConfig
+from posttrain.data import Batch, Example, PackedRow, collate, collate_packed, encode_sft, pack
+from posttrain.data.collate import IGNORE_INDEX
+from posttrain.evals import has_cells, needle_eval
 from posttrain.objectives import sft_objective
 from posttrain.progress import stage_progress
 from posttrain.stages.common import (
@@ -23,8 +32,11 @@ def run_sft(ctx: StageContext, cfg: SFTStageConfig, learners: Any) -> dict[str, 
     train_path, eval_path = resolve_data_paths(ctx, cfg.data, "sft")
     train_records = load_split(train_path, cfg.data, ctx.console)
     eval_records = load_split(eval_path, cfg.data, ctx.console)
-    examples = [encode_sft(r, ctx.tokenizer, max_len=cfg.data.max_seq_len) for r in train_records]
-    examples = [ex for ex in examples if ex.n_trained > 0]
+    units = training_units(encode(train_records, ctx.tokenizer, cfg.data), cfg.data)  # examples or packed rows
+    if cfg.data.pack:
+        n_tok = sum(len(r) for r in units)
+        ctx.console.print(f"{cfg.name}: packed {len(train_records)} examples into {len(units)} rows "
+                          f"({n_tok / (len(units) * cfg.data.max_seq_len):.1%} full)")
     pad_id = ctx.tokenizer.pad_token_id
     world = learners.world_size
     if cfg.batch.global_size % (cfg.batch.micro_size * world):
@@ -40,7 +52,10 @@ def run_sft(ctx: StageContext, cfg: SFTStageConfig, learners: Any) -> dict[str, 
     ctx.logger.truncate(cfg.name, start + 1)
 
     def evaluate(step: int) -> dict[str, Any]:
-        metrics = exact_match_eval(ctx, learners, eval_records, cfg.data.task, cfg.eval)
+        if has_cells(eval_records):  # long-context retrieval: accuracy per (length, depth)
+            metrics = needle_eval(ctx, learners, eval_records, cfg.data.task, cfg.eval, stage=cfg.name, step=step)
+        else:
+            metrics = exact_match_eval(ctx, learners, eval_records, cfg.data.task, cfg.eval)
         metrics.update(eval_loss(ctx, cfg, learners, eval_records))
         ctx.logger.log(cfg.name, "eval", step, metrics)
         return metrics
@@ -50,9 +65,9 @@ def run_sft(ctx: StageContext, cfg: SFTStageConfig, learners: Any) -> dict[str, 
     last: dict[str, Any] = {}
     with stage_progress(ctx.console, cfg.name, cfg.steps, start) as bar:
         for step in range(start, cfg.steps):
-            chosen = [examples[i] for i in batch_indices(len(examples), cfg.batch.global_size, step, ctx.seed)]
-            num_tokens = sum(ex.n_trained for ex in chosen)
-            micro = [[collate(mb, pad_id) for mb in rank] for rank in shard(chosen, world, cfg.batch.micro_size)]
+            chosen = [units[i] for i in batch_indices(len(units), cfg.batch.global_size, step, ctx.seed)]
+            num_tokens = sum(n_targets(u) for u in chosen)
+            micro = micro_batches(chosen, world, cfg.batch.micro_size, pad_id)
             last = learners.train_step(sft_objective, micro, num_tokens=num_tokens,
                                        chunk_size=cfg.learner.loss_chunk_size)
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
@@ -66,20 +81,48 @@ def run_sft(ctx: StageContext, cfg: SFTStageConfig, learners: Any) -> dict[str, 
     return finish_stage(ctx, learners, "sft", cfg.name, cfg, final, last)
 
 
+Unit = Union[Example, PackedRow]
+
+
+def encode(records: Sequence[Any], tokenizer: Any, data: DataConfig) -> list[Example]:
+    """Tokenise with the loss mask; examples with no trained token are dropped.
+
+    Packed with pack_mode "split", long examples are kept whole here and cut by the packer.
+    """
+    max_len = 2**62 if data.pack and data.pack_mode == "split" else data.max_seq_len
+    examples = [encode_sft(r, tokenizer, max_len=max_len) for r in records]
+    return [ex for ex in examples if ex.n_trained > 0]
+
+
+def training_units(examples: list[Example], data: DataConfig) -> list[Unit]:
+    """What one step samples from: the examples, or packed rows of data.max_seq_len tokens."""
+    return pack(examples, data.max_seq_len, mode=data.pack_mode) if data.pack else examples
+
+
+def n_targets(unit: Unit) -> int:
+    """Target tokens of an example or a packed row (the SFT normaliser's share)."""
+    if isinstance(unit, PackedRow):
+        return int((unit.targets != IGNORE_INDEX).sum())
+    return len([t for t in unit.loss_mask[1:] if t])  # position 0 is never a target
+
+
+def micro_batches(units: Sequence[Unit], world: int, micro_size: int, pad_id: int) -> list[list[Batch]]:
+    """ranks x micro-batches: right-padded examples, or one packed row [1, T] (micro_size 1)."""
+    return [[collate_packed(mb) if isinstance(mb[0], PackedRow) else collate(mb, pad_id) for mb in rank]
+            for rank in shard(units, world, micro_size)]
+
+
 def eval_loss(ctx: StageContext, cfg: SFTStageConfig, learners: Any, records: list[Any]) -> dict[str, float]:
     """Held-out token-mean NLL and perplexity (evaluated on the first `eval.limit` rows)."""
     import math
 
     records = records[: cfg.eval.limit] if cfg.eval.limit else records
-    examples = [ex for ex in (encode_sft(r, ctx.tokenizer, max_len=cfg.data.max_seq_len) for r in records)
-                if ex.n_trained > 0]
-    if not examples:
-        return {}
+    units = training_units(encode(records, ctx.tokenizer, cfg.data), cfg.data)
     world = learners.world_size
-    usable = len(examples) - len(examples) % world
-    examples = examples[:usable]
-    num_tokens = sum(ex.n_trained for ex in examples)
-    micro = [[collate(mb, ctx.tokenizer.pad_token_id) for mb in rank]
-             for rank in shard(examples, world, cfg.batch.micro_size)]
+    units = units[: len(units) - len(units) % world]
+    if not units:
+        return {}
+    num_tokens = sum(n_targets(u) for u in units)
+    micro = micro_batches(units, world, cfg.batch.micro_size, ctx.tokenizer.pad_token_id)
     m = learners.evaluate(sft_objective, micro, num_tokens=num_tokens, chunk_size=cfg.learner.loss_chunk_size)
     return {"loss": m["loss"], "perplexity": math.exp(min(m["loss"], 50.0))}

@@ -1,0 +1,168 @@
+"""Long-context SFT: packing in the sft stage, per-stage model overrides, checkpointing switch,
+the needle eval. Varlen attention itself is tested in tests/models/test_varlen.py.
+
+Reference for packing: the same documents right-padded in one micro-batch (attention mask),
+in fp32 — the SFT loss and every parameter gradient must agree.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from posttrain.config import ConfigError, DataConfig, LearnerConfig, ModelConfig, OptimConfig, ScheduleConfig, load_recipe
+from posttrain.data import build_tokenizer, collate, collate_packed, load_records, pack, write_task
+from posttrain.evals import cell_accuracy, has_cells, plot_cells, _per_cell_limit
+from posttrain.models import build_model, load_model
+from posttrain.objectives import sft_objective
+from posttrain.pipeline import stage_model_config, token_ids
+from posttrain.stages.sft import encode, micro_batches, n_targets, training_units
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer("char")
+
+
+@pytest.fixture(scope="module")
+def needle_records(tmp_path_factory):
+    files = write_task("needle", tmp_path_factory.mktemp("needle"), n_train=12, n_eval_per_cell=2,
+                       lengths=[40, 96, 160], depths=[0.0, 0.5, 1.0], seed=3)
+    return (load_records(files["sft_train"], "prompt_completion").records,
+            load_records(files["sft_eval"], "prompt_completion").records)
+
+
+def loss_and_grads(model, batch, num_tokens):
+    model.zero_grad()
+    loss, metrics = sft_objective(model, batch, num_tokens=num_tokens, chunk_size=64)
+    loss.backward()
+    return float(metrics["loss"]), float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_packed_row_gives_the_padded_sft_loss_and_gradient(tok, needle_records):
+    data = DataConfig(max_seq_len=1024, pack=True)
+    examples = encode(needle_records[0][:6], tok, data)
+    assert len({len(ex) for ex in examples}) > 1
+    rows = training_units(examples, data)
+    assert len(rows) == 1 and len(rows[0].cu_seqlens) == len(examples) + 1  # one row, all documents
+    num_tokens = n_targets(rows[0])
+    assert num_tokens == sum(n_targets(ex) for ex in examples)
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(preset="tiny-hybrid"), **token_ids(tok)).train()
+    packed = micro_batches(rows, 1, 1, tok.pad_token_id)[0][0]
+    padded = collate(examples, tok.pad_token_id)
+    nll_p, loss_p, g_p = loss_and_grads(model, packed, num_tokens)
+    nll_r, loss_r, g_r = loss_and_grads(model, padded, num_tokens)
+    assert nll_p == pytest.approx(nll_r, rel=1e-5)
+    assert loss_p == pytest.approx(loss_r, rel=1e-5)  # router aux loss over the same tokens
+    assert g_p.keys() == g_r.keys()
+    for name in g_r:
+        scale = g_r[name].abs().max().clamp_min(1e-6)
+        assert (g_p[name] - g_r[name]).abs().max() / scale < 1e-4, name
+
+    # the same row without document boundaries (one long document) is a different loss:
+    # the comparison above can fail
+    leaky = dataclasses.replace(packed, cu_seqlens=None, max_seqlen=None,
+                                position_ids=torch.arange(packed.input_ids.shape[1])[None])
+    nll_leak, _, _ = loss_and_grads(model, leaky, num_tokens)
+    assert abs(nll_leak - nll_r) > 1e-3
+
+
+@pytest.mark.parametrize("mode", ["bfd", "split"])
+def test_packing_keeps_every_target_once(tok, needle_records, mode):
+    data = DataConfig(max_seq_len=128, pack=True, pack_mode=mode)
+    examples = encode(needle_records[0], tok, data)
+    rows = training_units(examples, data)
+    assert all(len(r) <= 128 for r in rows)
+    if mode == "split":  # long examples are kept whole, then cut with a one-token overlap
+        assert max(len(ex) for ex in examples) > 128
+        assert sum(n_targets(r) for r in rows) == sum(n_targets(ex) for ex in examples)
+    for r in rows:  # no document's last position predicts the next document's first token
+        assert bool((r.targets[r.cu_seqlens[1:].long() - 1] == -100).all())
+        assert bool((r.position_ids[r.cu_seqlens[:-1].long()] == 0).all())
+
+
+def test_micro_batches_shard_rows_over_ranks(tok, needle_records):
+    data = DataConfig(max_seq_len=256, pack=True)
+    rows = training_units(encode(needle_records[0], tok, data), data)[:4]
+    per_rank = micro_batches(rows, 2, 1, tok.pad_token_id)
+    assert [len(r) for r in per_rank] == [2, 2]
+    b = per_rank[1][0]
+    assert b.input_ids.shape == (1, len(rows[2])) and torch.equal(b.cu_seqlens, rows[2].cu_seqlens)
+
+
+def _demo_with(*overrides: str):
+    return load_recipe("demo", list(overrides))
+
+
+def test_config_pack_needs_one_row_per_micro_batch():
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.batch\.micro_size: must be 1 with data\.pack"):
+        _demo_with("stages.0.data.pack=true")
+    cfg = _demo_with("stages.0.data.pack=true", "stages.0.batch.micro_size=1",
+                     "stages.0.learner.gradient_checkpointing=true")
+    assert cfg.stages[0].data.pack and cfg.stages[0].learner.gradient_checkpointing is True
+
+
+def test_stage_model_overrides_set_the_rope_base_of_the_loaded_checkpoint(tok, tmp_path):
+    base = ModelConfig(preset="tiny-hybrid", overrides={"router_aux_loss_coef": 0.0})
+    torch.manual_seed(0)
+    build_model(base, **token_ids(tok)).save_pretrained(tmp_path / "ckpt")
+    cfg = _demo_with()
+    long = dataclasses.replace(cfg.stages[0], model_overrides={"rope_parameters": {"rope_type": "default", "rope_theta": 1.0e7}})
+    assert stage_model_config(base, cfg.stages[0]) is base  # no stage overrides: unchanged
+    merged = stage_model_config(base, long)
+    assert merged.overrides == {"router_aux_loss_coef": 0.0, "rope_parameters": {"rope_type": "default", "rope_theta": 1.0e7}}
+    old = load_model(tmp_path / "ckpt", base)
+    new = load_model(tmp_path / "ckpt", merged)
+    assert new.config.rope_parameters["rope_theta"] == 1.0e7 and old.config.rope_parameters["rope_theta"] == 10000.0
+    ids = torch.randint(5, 40, (1, 48))
+    with torch.no_grad():  # same weights, different RoPE in the softmax layer
+        assert not torch.allclose(old(ids).logits, new(ids).logits, atol=1e-4)
+
+
+def _checkpointed_layers(model):
+    return [layer.gradient_checkpointing for layer in model.model.layers]
+
+
+def test_learner_stage_switch_turns_checkpointing_on_and_off(tok, ray_local):
+    from posttrain.cluster import ClusterConfig, LearnerGroup
+
+    group = LearnerGroup(ClusterConfig(learners=1, cpus_per_learner=0.5), ModelConfig(preset="tiny-hybrid"), None,
+                         token_ids=token_ids(tok), seed=0)
+    try:
+        optim, sched = OptimConfig(), ScheduleConfig()
+        group.configure(optim, sched, LearnerConfig(), 1)
+        assert group.call_rank0(_checkpointed_layers) == [False] * 8  # model default
+        group.configure(optim, sched, LearnerConfig(gradient_checkpointing=True), 1)
+        assert group.call_rank0(_checkpointed_layers) == [True] * 8
+        group.configure(optim, sched, LearnerConfig(gradient_checkpointing=False), 1)
+        assert group.call_rank0(_checkpointed_layers) == [False] * 8
+    finally:
+        group.shutdown()
+
+
+# ------------------------------------------------------------------------- needle eval
+def test_cell_accuracy_groups_by_length_and_depth():
+    cells = cell_accuracy([512, 512, 512, 1024, 1024], [0.0, 0.0, 1.0, 0.0, 0.0], [True, False, True, False, False])
+    assert cells == [
+        {"length": 512, "depth": 0.0, "accuracy": 0.5, "n": 2},
+        {"length": 512, "depth": 1.0, "accuracy": 1.0, "n": 1},
+        {"length": 1024, "depth": 0.0, "accuracy": 0.0, "n": 2},
+    ]
+    with pytest.raises(ValueError, match="2 lengths, 1 depths"):
+        cell_accuracy([1, 2], [0.0], [True, True])
+
+
+def test_needle_rows_have_cells_and_limit_keeps_every_cell(needle_records, tmp_path):
+    train, ev = needle_records
+    assert has_cells(ev) and not has_cells([dataclasses.replace(ev[0], meta={})])
+    limited = _per_cell_limit(list(ev), 9)  # 9 cells x 2 rows -> 1 row per cell
+    assert len(limited) == 9 and len({(r.meta["length"], r.meta["depth"]) for r in limited}) == 9
+    cells = cell_accuracy([r.meta["length"] for r in ev], [r.meta["depth"] for r in ev], [i % 2 == 0 for i in range(len(ev))])
+    png = plot_cells(cells, tmp_path / "plots" / "x.png", "t")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
