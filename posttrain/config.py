@@ -16,7 +16,8 @@ from posttrain.schema import ConfigError, apply_overrides, parse_dataclass
 __all__ = [
     "ConfigError", "ModelConfig", "TokenizerConfig", "ClusterConfig", "DataConfig",
     "OptimConfig", "ScheduleConfig", "BatchConfig", "EvalConfig", "CheckpointConfig",
-    "LearnerConfig", "SFTStageConfig", "StageConfig", "RecipeConfig", "load_recipe",
+    "LearnerConfig", "SFTStageConfig", "RLStageConfig", "RLSamplingConfig", "RLRolloutConfig", "RLLossConfig",
+    "RLFilterConfig", "RLRewardConfig", "StageConfig", "RecipeConfig", "load_recipe",
     "recipe_path",
 ]
 
@@ -151,8 +152,135 @@ class SFTStageConfig:
     model_overrides: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class RLSamplingConfig:
+    """How each prompt's group is sampled (posttrain.rollout.SamplingParams). group_size is
+    GRPO's G; early_stop_run enables MiniMax-M1's early truncation of repetitive runs."""
+
+    group_size: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 16
+    early_stop_run: Optional[int] = None
+    early_stop_prob: float = 0.99
+
+
+@dataclass(frozen=True)
+class RLRolloutConfig:
+    """Rollout workers (cluster.rollout_workers of them). engine null: "native" for our hybrid
+    models, "hf" otherwise. prompts_per_step: prompts of one rollout batch (before filters)."""
+
+    prompts_per_step: int = 16
+    engine: Optional[Literal["hf", "native"]] = None
+    max_slots: int = 64
+    weight_bucket_mb: float = 64.0
+    sampling: RLSamplingConfig = field(default_factory=RLSamplingConfig)
+
+
+@dataclass(frozen=True)
+class RLLossConfig:
+    """The policy loss (posttrain.algorithms): kind grpo (clip_low/clip_high, aggregation,
+    kl_*, ratio_level, neg_adv_drop_ratio) or cispo (eps_high, eps_low). advantage_scale:
+    group / batch / none (Dr. GRPO). correction: TIS/MIS weight for the rollout-vs-learner
+    mismatch (null: off). kl_coef > 0 loads a frozen reference policy (the stage's init)."""
+
+    kind: Literal["grpo", "cispo"] = "grpo"
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    eps_high: float = 4.0
+    eps_low: Optional[float] = None
+    aggregation: Literal["seq_mean", "token_mean", "fixed_len"] = "token_mean"
+    kl_coef: float = 0.0
+    kl_estimator: Literal["k1", "k2", "k3", "prob"] = "k3"
+    ratio_level: Literal["token", "sequence"] = "token"
+    neg_adv_drop_ratio: Optional[float] = None
+    advantage_scale: Literal["group", "batch", "none"] = "group"
+    correction: Optional[Literal["tis", "mis"]] = None
+    correction_level: Literal["token", "sequence"] = "token"
+    correction_high: float = 2.0
+    correction_low: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class RLFilterConfig:
+    """DAPO rollout filters. dynamic_sampling drops groups whose rewards are all equal and
+    samples up to max_extra_rounds more prompt batches to refill; overlong_cache > 0 turns on
+    the soft overlong penalty over the last overlong_cache tokens of max_new_tokens;
+    mask_truncated zeroes the loss of completions cut by the length budget."""
+
+    dynamic_sampling: bool = True
+    max_extra_rounds: int = 2
+    overlong_cache: int = 0
+    overlong_penalty: float = 1.0
+    mask_truncated: bool = False
+
+
+@dataclass(frozen=True)
+class RLRewardConfig:
+    """fn: a posttrain.rollout.REWARDS name (exact_match, numeric, math, format) or
+    'module:function'. A call that raises or exceeds timeout_s scores `fallback` (counted)."""
+
+    fn: str = "exact_match"
+    timeout_s: float = 10.0
+    fallback: float = 0.0
+    num_workers: int = 4
+    executor: Literal["thread", "process"] = "thread"
+
+
+@dataclass(frozen=True)
+class RLStageConfig:
+    """Online RL (GRPO / CISPO). One step = one rollout batch -> `updates_per_batch` optimizer
+    steps (the batch split into that many mini-batches) -> one weight sync."""
+
+    name: str
+    kind: Literal["rl"]
+    data: DataConfig
+    steps: int
+    rollout: RLRolloutConfig = field(default_factory=RLRolloutConfig)
+    loss: RLLossConfig = field(default_factory=RLLossConfig)
+    filters: RLFilterConfig = field(default_factory=RLFilterConfig)
+    reward: RLRewardConfig = field(default_factory=RLRewardConfig)
+    updates_per_batch: int = 1
+    micro_size: int = 32  # sequences per learner micro-batch
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(kind="constant"))
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    init_from: Optional[str] = None
+    log_every: int = 1
+
+
+def _validate_rl(st: RLStageConfig, key: str) -> None:
+    s, lo, f = st.rollout.sampling, st.loss, st.filters
+    checks = [
+        (st.rollout.prompts_per_step >= 1, "rollout.prompts_per_step", "must be >= 1"),
+        (s.group_size >= 2, "rollout.sampling.group_size", "must be >= 2 (group advantages need 2 samples)"),
+        (s.temperature > 0, "rollout.sampling.temperature", "must be > 0 for RL sampling"),
+        (s.max_new_tokens >= 1, "rollout.sampling.max_new_tokens", "must be >= 1"),
+        (st.updates_per_batch >= 1, "updates_per_batch", "must be >= 1"),
+        (st.micro_size >= 1, "micro_size", "must be >= 1"),
+        (st.optim.lr > 0, "optim.lr", f"must be positive, got {st.optim.lr}"),
+        (lo.kl_coef >= 0, "loss.kl_coef", "must be >= 0"),
+        (lo.kind != "cispo" or lo.kl_coef == 0, "loss.kl_coef", "CISPO has no KL term (set 0 or use kind grpo)"),
+        (f.max_extra_rounds >= 0, "filters.max_extra_rounds", "must be >= 0"),
+        (0 <= f.overlong_cache <= s.max_new_tokens, "filters.overlong_cache",
+         f"must be in [0, rollout.sampling.max_new_tokens={s.max_new_tokens}]"),
+        (st.data.format == "rl", "data.format", f"must be 'rl' for an rl stage, got {st.data.format!r}"),
+    ]
+    for ok, sub, msg in checks:
+        if not ok:
+            raise ConfigError(f"{key}.{sub}: {msg}")
+    from posttrain.rollout.rewards import REWARDS
+
+    if st.reward.fn not in REWARDS and ":" not in st.reward.fn:
+        raise ConfigError(f"{key}.reward.fn: {st.reward.fn!r} is neither a built-in reward "
+                          f"({', '.join(sorted(REWARDS))}) nor 'module:function'")
+
+
 # Stage kinds are chosen by their `kind` key (see posttrain.schema's union handling).
-StageConfig = Union[SFTStageConfig]
+StageConfig = Union[SFTStageConfig, RLStageConfig]
 
 
 @dataclass(frozen=True)
@@ -258,6 +386,9 @@ def _validate_stage(st: SFTStageConfig, key: str) -> None:
     if d.pack and st.batch.micro_size != 1:
         raise ConfigError(f"{key}.batch.micro_size: must be 1 with data.pack (one packed row of "
                           f"data.max_seq_len tokens per micro-batch), got {st.batch.micro_size}")
+    if isinstance(st, RLStageConfig):  # no `batch`: an RL batch is prompts_per_step x group_size
+        _validate_rl(st, key)
+        return
     b = st.batch
     if b.micro_size <= 0 or b.global_size <= 0 or b.global_size % b.micro_size:
         raise ConfigError(f"{key}.batch: global_size ({b.global_size}) must be a positive multiple of micro_size ({b.micro_size})")

@@ -7,11 +7,12 @@ already divided by the global normaliser), so the learner only adds them up.
 """
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 
-from posttrain.algorithms import sft_loss
+from posttrain.algorithms import cispo_loss, grpo_loss, rollout_correction, sft_loss
 from posttrain.data.collate import IGNORE_INDEX, Batch
 from posttrain.models import forward_hidden, token_logprobs
 
@@ -40,3 +41,143 @@ def sft_objective(model: torch.nn.Module, batch: Batch, *, num_tokens: int,
     loss = nll + aux * share
     return loss, {"loss": nll.detach(), "aux_loss": (aux * share).detach(),
                   "tokens": mask.sum().detach()}
+
+
+# ---------------------------------------------------------------------------- online RL
+@dataclass
+class RLBatch:
+    """A micro-batch of sampled completions: one sequence (prompt ids + completion ids, exactly
+    as the engine produced them) per row, right-padded. Flat tensor fields so the learner can
+    move it to its device. Per-token fields are aligned with `targets` (position t scores token
+    t + 1) and are 0 wherever targets == IGNORE_INDEX (prompt, padding, masked completions)."""
+
+    input_ids: torch.Tensor  # [B, T] long
+    targets: torch.Tensor  # [B, T] long, completion tokens only, IGNORE_INDEX elsewhere
+    position_ids: torch.Tensor  # [B, T] long
+    attention_mask: torch.Tensor  # [B, T] long, 1 = real token
+    advantages: torch.Tensor  # [B] float32
+    rollout_logprobs: torch.Tensor  # [B, T] float32, the engine's log-probs of the targets
+    old_logprobs: Optional[torch.Tensor] = None  # [B, T] learner log-probs of the sampling policy
+    ref_logprobs: Optional[torch.Tensor] = None  # [B, T] frozen reference policy (KL)
+
+    @property
+    def model_batch(self) -> Batch:
+        return Batch(self.input_ids, self.targets, self.position_ids, self.attention_mask)
+
+    @property
+    def mask(self) -> torch.Tensor:  # [B, T] float32
+        return (self.targets != IGNORE_INDEX).float()
+
+
+def _tempered_logprobs(model: torch.nn.Module, batch: Batch, *, temperature: float, chunk_size: int,
+                       with_entropy: bool):
+    """log softmax(logits / T) of the targets `[B, T]` (the engine's log-prob convention,
+    posttrain.rollout.types), optional entropy `[B, T]`, and the router aux loss.
+
+    logits / T == head(hidden / T) because the LM head has no bias, so the chunked head of
+    token_logprobs is reused unchanged."""
+    hidden, aux = forward_hidden(model, batch.input_ids, position_ids=batch.position_ids,
+                                 cu_seqlens=batch.cu_seqlens, attention_mask=batch.attention_mask)
+    if temperature != 1.0:
+        if model.get_output_embeddings().bias is not None:
+            raise ValueError("sampling temperature != 1 needs an LM head without bias")
+        hidden = hidden / temperature
+    out = token_logprobs(model, hidden, batch.targets, chunk_size=chunk_size, with_entropy=with_entropy)
+    return (*out, aux) if with_entropy else (out, None, aux)
+
+
+@torch.no_grad()
+def recompute_logprobs(model: torch.nn.Module, batches: list[Any], *, temperature: float = 1.0,
+                       chunk_size: int = 1024) -> list[torch.Tensor]:
+    """Per-target log-probs `[B, T]` (CPU, fp32) of each batch under `model`, no gradient.
+
+    The learner's 'old' log-probs of the sampling policy (K > 1 updates per rollout batch,
+    mismatch metrics, TIS/MIS) and a frozen reference's log-probs for KL. Accepts Batch or
+    RLBatch. Runs in eval mode and restores the previous mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        out = []
+        for b in batches:
+            mb = b.model_batch if isinstance(b, RLBatch) else b
+            mb = Batch(*(t.to(device) for t in (mb.input_ids, mb.targets, mb.position_ids, mb.attention_mask)))
+            logp, _, _ = _tempered_logprobs(model, mb, temperature=temperature, chunk_size=chunk_size,
+                                            with_entropy=False)
+            out.append(logp.float().cpu())
+        return out
+    finally:
+        model.train(was_training)
+
+
+def _rl_inputs(model: torch.nn.Module, batch: RLBatch, *, temperature: float, chunk_size: int,
+               correction: Optional[dict[str, Any]]):
+    """Shared by the RL objectives: current log-probs, entropy, aux loss, mask, the sampling
+    policy's log-probs (given, or the current ones detached when K == 1) and the TIS/MIS weight."""
+    logp, entropy, aux = _tempered_logprobs(model, batch.model_batch, temperature=temperature,
+                                            chunk_size=chunk_size, with_entropy=True)
+    mask = batch.mask
+    old = batch.old_logprobs if batch.old_logprobs is not None else logp.detach()
+    is_weight, corr = None, {}
+    if correction is not None:
+        is_weight, corr = rollout_correction(old, batch.rollout_logprobs, mask, **correction)
+    return logp, entropy, aux, mask, old, is_weight, corr
+
+
+def _contributions(loss: torch.Tensor, metrics: dict[str, torch.Tensor], extra: dict[str, torch.Tensor],
+                   entropy: torch.Tensor, aux: torch.Tensor, mask: torch.Tensor,
+                   num_tokens: float) -> dict[str, Any]:
+    """Turn a pure loss's micro-batch metrics into contributions that sum to the step's value:
+    loss terms are already divided by the step's normaliser; token means are weighted by this
+    micro-batch's share of the step's tokens. Max/min metrics cannot be summed and are dropped."""
+    tokens = mask.sum()
+    share = tokens / num_tokens
+    out: dict[str, Any] = {"tokens": tokens.detach(), "aux_loss": (aux * share).detach(),
+                           "entropy": ((entropy.detach() * mask).sum() / num_tokens)}
+    for k, v in {**metrics, **extra}.items():
+        if k in ("loss", "pg_loss"):
+            out[k] = v.detach()
+        elif k in ("tokens",) or k.endswith("_max") or k.endswith("_min"):
+            continue
+        else:
+            out[k] = (v * share).detach()
+    return out
+
+
+def grpo_objective(model: torch.nn.Module, batch: RLBatch, *, num_tokens: float, num_sequences: float,
+                   clip_low: float, clip_high: float, aggregation: str, kl_coef: float = 0.0,
+                   kl_estimator: str = "k3", ratio_level: str = "token",
+                   neg_adv_drop_ratio: Optional[float] = None, max_len: Optional[int] = None,
+                   correction: Optional[dict[str, Any]] = None, temperature: float = 1.0,
+                   chunk_size: int = 1024) -> tuple[torch.Tensor, dict[str, Any]]:
+    """GRPO clipped surrogate (posttrain.algorithms.grpo_loss) on a sampled micro-batch.
+
+    Normalisers are the optimizer step's global counts: `num_tokens` (token_mean) and
+    `num_sequences` (seq_mean / fixed_len), across micro-batches and ranks. The router aux
+    loss is weighted by this micro-batch's token share. `correction`: kwargs of
+    algorithms.rollout_correction (TIS/MIS), or None."""
+    logp, entropy, aux, mask, old, is_weight, corr = _rl_inputs(
+        model, batch, temperature=temperature, chunk_size=chunk_size, correction=correction)
+    loss, metrics = grpo_loss(
+        logp, old, batch.advantages, mask, clip_low=clip_low, clip_high=clip_high, aggregation=aggregation,
+        num_tokens=num_tokens, num_sequences=num_sequences, max_len=max_len, ref_logprobs=batch.ref_logprobs,
+        kl_coef=kl_coef, kl_estimator=kl_estimator, ratio_level=ratio_level,
+        neg_adv_drop_ratio=neg_adv_drop_ratio, is_weight=is_weight)
+    share = mask.sum() / num_tokens
+    return loss + aux * share, _contributions(loss, metrics, corr, entropy, aux, mask, num_tokens)
+
+
+def cispo_objective(model: torch.nn.Module, batch: RLBatch, *, num_tokens: float, eps_high: float,
+                    eps_low: Optional[float] = None, correction: Optional[dict[str, Any]] = None,
+                    temperature: float = 1.0, chunk_size: int = 1024) -> tuple[torch.Tensor, dict[str, Any]]:
+    """CISPO (MiniMax-M1; posttrain.algorithms.cispo_loss) on a sampled micro-batch: token mean
+    over the optimizer step's global `num_tokens` (no KL, no sequence normaliser)."""
+    logp, entropy, aux, mask, old, is_weight, corr = _rl_inputs(
+        model, batch, temperature=temperature, chunk_size=chunk_size, correction=correction)
+    loss, metrics = cispo_loss(logp, old, batch.advantages, mask, eps_high=eps_high, eps_low=eps_low,
+                               num_tokens=num_tokens, is_weight=is_weight)
+    share = mask.sum() / num_tokens
+    return loss + aux * share, _contributions(loss, metrics, corr, entropy, aux, mask, num_tokens)
+
+
+RL_OBJECTIVES = {"grpo": grpo_objective, "cispo": cispo_objective}

@@ -1,0 +1,329 @@
+"""The `rl` stage: online GRPO or CISPO (MiniMax-M1) with rollout workers on Ray.
+
+One step, top to bottom:
+  1. sample a prompt batch (deterministic in (seed, step)) and generate G samples per prompt on
+     the rollout workers (token ids + engine log-probs + the policy version that sampled them);
+  2. rewards (posttrain.rollout.RewardRunner: a raising / hanging reward scores the fallback);
+  3. filters: DAPO overlong penalty on the rewards; dynamic sampling drops groups whose rewards
+     are all equal and samples extra prompt batches (up to filters.max_extra_rounds) to refill;
+  4. group advantages; sequences = prompt ids + completion ids exactly as sampled, loss on the
+     completion only (truncated completions masked if filters.mask_truncated);
+  5. learner: log-probs of the sampling policy ("old"; with K = 1 the objective uses the current
+     ones detached), train/inference mismatch metrics, optional frozen-reference log-probs (KL),
+     then K = updates_per_batch mini-batch optimizer steps with grpo_objective / cispo_objective;
+  6. weight sync (the version increments) -> metrics -> periodic eval and resumable state.
+
+A rollout worker that dies is rebuilt from the init checkpoint, given the current weights and
+version, and the generation is retried once (posttrain.cluster.RolloutWorkerLost).
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+import torch
+
+from posttrain.algorithms import (
+    dynamic_sampling_mask, group_advantages, mismatch_metrics, overlong_penalty, truncation_mask,
+)
+from posttrain.config import RLStageConfig
+from posttrain.data import encode_prompt
+from posttrain.data.collate import IGNORE_INDEX
+from posttrain.objectives import RL_OBJECTIVES, RLBatch, recompute_logprobs
+from posttrain.progress import stage_progress
+from posttrain.rollout import Completion, RewardConfig, RewardRunner, RolloutConfig, SamplingParams
+from posttrain.stages.common import (
+    StageContext, batch_indices, exact_match_eval, finish_stage, latest_state, load_split,
+    resolve_data_paths, save_state, shard,
+)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One completion ready for the learner: its prompt ids, the engine's output, its scores."""
+
+    prompt_ids: list[int]
+    completion: Completion
+    reward: float  # shaped (overlong penalty included); raw reward in `score`
+    score: float
+    advantage: float = 0.0
+
+
+def run_rl(ctx: StageContext, cfg: RLStageConfig, learners: Any) -> dict[str, Any]:
+    from posttrain.cluster import RolloutGroup, RolloutWorkerLost
+    from posttrain.generation import engine_name
+    from posttrain.pipeline import token_ids
+    from posttrain.weight_sync import ObjectStoreWeightSync
+
+    train_path, eval_path = resolve_data_paths(ctx, cfg.data, "rl")
+    train_records = load_split(train_path, cfg.data, ctx.console)
+    eval_records = load_split(eval_path, cfg.data, ctx.console)
+    prompts = [encode_prompt(r, ctx.tokenizer) for r in train_records]
+    rewards = RewardRunner(RewardConfig(**dataclasses.asdict(cfg.reward)))
+    objective, knobs = RL_OBJECTIVES[cfg.loss.kind], loss_knobs(cfg)
+
+    learners.configure(cfg.optim, cfg.schedule, cfg.learner, cfg.steps * cfg.updates_per_batch)
+    start = 0
+    state = latest_state(ctx)
+    if state is not None:
+        start = learners.load_state(str(state))["step"]
+        ctx.console.print(f"[cyan]{cfg.name}: resuming from step {start} ({state})[/cyan]")
+    ctx.logger.truncate(cfg.name, start + 1)
+
+    engine = cfg.rollout.engine or learners.call_rank0(engine_name)
+    rollout_cfg = RolloutConfig(engine=engine, max_slots=cfg.rollout.max_slots,
+                                weight_bucket_mb=cfg.rollout.weight_bucket_mb)
+    ids = token_ids(ctx.tokenizer)
+    rollouts = RolloutGroup(ctx.recipe.cluster, rollout_cfg, ctx.recipe.model, ctx.init_path, token_ids=ids)
+    sync = ObjectStoreWeightSync(learners, rollouts, bucket_mb=cfg.rollout.weight_bucket_mb, version=start)
+    # Workers load the init checkpoint; after a resume (or from a fresh preset) the learner holds
+    # other weights, so the first push is unconditional.
+    sync.push(start)
+    reference = reference_policy(ctx, cfg, ids)
+
+    def generate(prompt_ids: list[list[int]], params: SamplingParams):
+        try:
+            return rollouts.generate(prompt_ids, params)
+        except RolloutWorkerLost as lost:  # rebuilt from the init checkpoint: bring it up to date
+            ctx.console.print(f"[yellow]{cfg.name}: {lost}; re-syncing version {sync.version} and retrying[/yellow]")
+            sync.push(sync.version, workers=lost.replaced)
+            return rollouts.generate(prompt_ids, params)
+
+    def evaluate(step: int) -> dict[str, Any]:
+        metrics = exact_match_eval(ctx, learners, eval_records, cfg.data.task, cfg.eval)
+        ctx.logger.log(cfg.name, "eval", step, metrics)
+        return metrics
+
+    last: dict[str, Any] = {}
+    try:
+        if start == 0 and eval_records:
+            evaluate(0)
+        with stage_progress(ctx.console, cfg.name, cfg.steps, start) as bar:
+            for step in range(start, cfg.steps):
+                timer = PhaseTimer()
+                samples, metrics = collect_samples(ctx, cfg, step, prompts, train_records, generate, rewards, timer)
+                if samples:
+                    with timer("learner"):
+                        metrics.update(learn(ctx, cfg, learners, reference, samples, objective, knobs, step))
+                    with timer("sync"):
+                        sync.push(step + 1)
+                else:  # every group had equal rewards in every round: nothing to learn from
+                    ctx.console.print(f"[yellow]{cfg.name}: step {step + 1}: no informative group, no update[/yellow]")
+                last = {**metrics, **timer.metrics(), "policy_version": float(sync.version)}
+                if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+                    ctx.logger.log(cfg.name, "train", step + 1, last)
+                bar.advance(reward=last["reward/mean"], acc=last["accuracy"])
+                if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and step + 1 < cfg.steps:
+                    evaluate(step + 1)
+                if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0 and step + 1 < cfg.steps:
+                    save_state(ctx, learners, step + 1, cfg.checkpoint)
+        final = evaluate(cfg.steps) if eval_records else {}
+    finally:
+        rollouts.shutdown()
+        if reference is not None:
+            reference.shutdown()
+    return finish_stage(ctx, learners, "rl", cfg.name, cfg, final, last)
+
+
+# ------------------------------------------------------------------------------ phases
+class PhaseTimer:
+    """Wall-clock seconds per phase of one step (time/generate, time/reward, ...)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0
+
+    def metrics(self) -> dict[str, float]:
+        return {f"time/{k}": v for k, v in self.seconds.items()}
+
+
+def sampling_seed(seed: int, step: int, round_: int) -> int:
+    """Sampling seed of (stage seed, step, refill round): a resumed run samples what an
+    uninterrupted one would have."""
+    return (seed * 1_000_003 + step * 10_007 + round_ * 101 + 17) % (2**62)
+
+
+def collect_samples(ctx: StageContext, cfg: RLStageConfig, step: int, prompts: list[list[int]],
+                    records: list[Any], generate: Any, rewards: RewardRunner,
+                    timer: PhaseTimer) -> tuple[list[Sample], dict[str, float]]:
+    """Generate, score and filter until `prompts_per_step` informative groups are kept (or the
+    extra rounds run out). Reward/accuracy metrics describe the first round (an unbiased draw
+    of the current policy); filter metrics describe all rounds."""
+    s, flt = cfg.rollout.sampling, cfg.filters
+    want = cfg.rollout.prompts_per_step
+    rounds = 1 + (flt.max_extra_rounds if flt.dynamic_sampling else 0)
+    kept: list[list[Sample]] = []
+    metrics: dict[str, float] = {}
+    seen = 0
+    for rnd in range(rounds):
+        # Round r of step t reads the prompt slice of "virtual step" t * rounds + r.
+        idx = batch_indices(len(prompts), want, step * rounds + rnd, ctx.seed)
+        params = SamplingParams(n=s.group_size, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                                max_new_tokens=s.max_new_tokens, stop_token_ids=(ctx.tokenizer.eos_token_id,),
+                                seed=sampling_seed(ctx.seed, step, rnd), early_stop_run=s.early_stop_run,
+                                early_stop_prob=s.early_stop_prob)
+        with timer("generate"):
+            batch = generate([prompts[i] for i in idx], params)
+        with timer("reward"):
+            groups, m = score_groups(ctx, cfg, batch.completions, [prompts[i] for i in idx],
+                                     [records[i].answer for i in idx], rewards)
+        if rnd == 0:
+            metrics.update(m)
+            metrics.update({k: v for k, v in batch.metrics.items() if not k.endswith("seconds")})
+        seen += len(groups)
+        informative = dynamic_sampling_mask(torch.tensor([x.reward for g in groups for x in g]),
+                                            s.group_size).tolist() if flt.dynamic_sampling else [True] * len(groups)
+        kept += [g for g, ok in zip(groups, informative) if ok]
+        if len(kept) >= want:
+            break
+    kept = kept[:want]
+    metrics.update({"filter/rounds": float(rnd + 1), "filter/kept_groups": float(len(kept)),
+                    "filter/kept_frac_of_sampled": len(kept) / max(seen, 1)})
+    return [x for g in with_advantages(kept, cfg) for x in g], metrics
+
+
+def score_groups(ctx: StageContext, cfg: RLStageConfig, completions: list[Completion], prompt_ids: list[list[int]],
+                 answers: list[str], rewards: RewardRunner) -> tuple[list[list[Sample]], dict[str, float]]:
+    """Reward every completion (+ DAPO overlong penalty); group them by prompt."""
+    texts = [ctx.tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
+    refs = [answers[c.prompt_index] for c in completions]
+    scores, m = rewards.score(texts, refs)
+    shaped = torch.tensor(scores, dtype=torch.float32)
+    lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float32)
+    flt = cfg.filters
+    if flt.overlong_cache:
+        shaped = shaped + overlong_penalty(lengths, cfg.rollout.sampling.max_new_tokens, flt.overlong_cache,
+                                           flt.overlong_penalty)
+    samples = [Sample(prompt_ids[c.prompt_index], c, float(r), sc) for c, r, sc in zip(completions, shaped.tolist(), scores)]
+    G = cfg.rollout.sampling.group_size
+    groups = [samples[i:i + G] for i in range(0, len(samples), G)]
+    sc = torch.tensor(scores, dtype=torch.float32)
+    metrics = {
+        "reward/mean": float(shaped.mean()), "reward/std": float(shaped.std()) if len(scores) > 1 else 0.0,
+        "reward/raw_mean": float(sc.mean()), "accuracy": float((sc == 1.0).float().mean()),
+        "response_length": float(lengths.mean()), "response_length_max": float(lengths.max()),
+        "reward/errors": m["reward/errors"], "reward/timeouts": m["reward/timeouts"],
+    }
+    return groups, metrics
+
+
+def with_advantages(groups: list[list[Sample]], cfg: RLStageConfig) -> list[list[Sample]]:
+    if not groups:
+        return groups
+    G = cfg.rollout.sampling.group_size
+    adv = group_advantages(torch.tensor([x.reward for g in groups for x in g]), G,
+                           scale=cfg.loss.advantage_scale).tolist()
+    flat = [dataclasses.replace(x, advantage=a) for x, a in zip((x for g in groups for x in g), adv)]
+    return [flat[i:i + G] for i in range(0, len(flat), G)]
+
+
+# ------------------------------------------------------------------------------ learner
+def loss_knobs(cfg: RLStageConfig) -> dict[str, Any]:
+    """Keyword arguments of the chosen objective (besides the per-step normalisers)."""
+    lo = cfg.loss
+    common: dict[str, Any] = {"temperature": cfg.rollout.sampling.temperature,
+                              "chunk_size": cfg.learner.loss_chunk_size, "correction": None}
+    if lo.correction is not None:
+        common["correction"] = {"mode": lo.correction, "level": lo.correction_level,
+                                "high": lo.correction_high, "low": lo.correction_low}
+    if lo.kind == "cispo":
+        return {**common, "eps_high": lo.eps_high, "eps_low": lo.eps_low}
+    return {**common, "clip_low": lo.clip_low, "clip_high": lo.clip_high, "aggregation": lo.aggregation,
+            "kl_coef": lo.kl_coef, "kl_estimator": lo.kl_estimator, "ratio_level": lo.ratio_level,
+            "neg_adv_drop_ratio": lo.neg_adv_drop_ratio, "max_len": cfg.rollout.sampling.max_new_tokens}
+
+
+def to_rl_batch(samples: list[Sample], pad_id: int, mask_truncated: bool) -> RLBatch:
+    """Right-padded RLBatch of prompt + completion ids; targets are the completion tokens only
+    and rollout_logprobs sit at the same positions (position t scores token t + 1)."""
+    width = max(len(x.prompt_ids) + len(x.completion.token_ids) for x in samples)
+    B = len(samples)
+    input_ids = torch.full((B, width), pad_id, dtype=torch.long)
+    targets = torch.full((B, width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((B, width), dtype=torch.long)
+    rollout_lp = torch.zeros((B, width), dtype=torch.float32)
+    for b, x in enumerate(samples):
+        p, c = len(x.prompt_ids), x.completion
+        input_ids[b, :p + len(c.token_ids)] = torch.tensor(x.prompt_ids + list(c.token_ids))
+        attention[b, :p + len(c.token_ids)] = 1
+        targets[b, p - 1:p - 1 + len(c.token_ids)] = torch.tensor(c.token_ids)
+        rollout_lp[b, p - 1:p - 1 + len(c.token_ids)] = torch.tensor(c.logprobs, dtype=torch.float32)
+    if mask_truncated:
+        keep = truncation_mask([x.completion.finish_reason for x in samples], targets != IGNORE_INDEX)
+        targets = torch.where(keep, targets, torch.full_like(targets, IGNORE_INDEX))
+        rollout_lp = rollout_lp * keep
+    positions = torch.arange(width).unsqueeze(0).expand(B, width).contiguous()
+    return RLBatch(input_ids, targets, positions, attention,
+                   torch.tensor([x.advantage for x in samples], dtype=torch.float32), rollout_lp)
+
+
+def learn(ctx: StageContext, cfg: RLStageConfig, learners: Any, reference: Any, samples: list[Sample],
+          objective: Any, knobs: dict[str, Any], step: int) -> dict[str, float]:
+    """Old (and reference) log-probs, mismatch metrics, then K mini-batch optimizer steps.
+    Returns learner metrics averaged over the K updates plus the mismatch metrics."""
+    world, K = learners.world_size, cfg.updates_per_batch
+    order = list(range(len(samples)))
+    random.Random(sampling_seed(ctx.seed, step, 999)).shuffle(order)  # mix prompts across mini-batches
+    minis = [[samples[i] for i in order[k::K]] for k in range(K)]
+    minis = [m[: len(m) - len(m) % world] for m in minis]  # ranks need equal shares (drops < world)
+    pad = ctx.tokenizer.pad_token_id
+    plans = [[[to_rl_batch(mb, pad, cfg.filters.mask_truncated) for mb in rank] for rank in shard(m, world, cfg.micro_size)]
+             for m in minis if m]
+    flat = [b for plan in plans for rank in plan for b in rank]
+    temp = cfg.rollout.sampling.temperature
+    old = learners.call_rank0(recompute_logprobs, flat, temperature=temp, chunk_size=cfg.learner.loss_chunk_size)
+    ref = (reference.call_rank0(recompute_logprobs, flat, temperature=temp, chunk_size=cfg.learner.loss_chunk_size)
+           if reference is not None else [None] * len(flat))
+    out = train_mismatch(flat, old)
+    for b, o, r in zip(flat, old, ref):
+        b.old_logprobs = o if K > 1 else None  # K == 1: the objective uses the current log-probs detached
+        b.ref_logprobs = r
+    per_update: list[dict[str, float]] = []
+    for plan in plans:
+        batches = [b for rank in plan for b in rank]
+        num_tokens = float(sum(b.mask.sum() for b in batches))
+        if num_tokens == 0:  # every completion masked (e.g. all truncated)
+            continue
+        # Global normalisers of this optimizer step (all micro-batches, all ranks).
+        norms = {"num_tokens": num_tokens}
+        if cfg.loss.kind == "grpo":  # seq_mean / fixed_len divide by the step's sequence count
+            norms["num_sequences"] = float(sum(len(b.advantages) for b in batches))
+        per_update.append(learners.train_step(objective, plan, **norms, **knobs))
+    for k in sorted({k for m in per_update for k in m}):
+        vals = [m[k] for m in per_update if k in m]
+        out[k] = sum(vals) / len(vals)
+    out["updates"] = float(len(per_update))
+    return out
+
+
+def train_mismatch(batches: list[RLBatch], learner_logprobs: list[torch.Tensor]) -> dict[str, float]:
+    """algorithms.mismatch_metrics over every completion token of the step: learner log-probs
+    of the sampling policy vs the engine's own (mean |diff|, prob correlation, IS-ratio range)."""
+    lrn = torch.cat([lp[b.mask.bool()] for b, lp in zip(batches, learner_logprobs)])
+    eng = torch.cat([b.rollout_logprobs[b.mask.bool()] for b in batches])
+    m = mismatch_metrics(lrn[None], eng[None], torch.ones_like(lrn)[None])
+    return {f"mismatch/{k}": float(v) for k, v in m.items()}
+
+
+def reference_policy(ctx: StageContext, cfg: RLStageConfig, ids: dict[str, Any]) -> Optional[Any]:
+    """A frozen copy of the stage's init policy for the KL term (kl_coef > 0), or None.
+
+    A one-rank LearnerGroup of its own (never configured, so it has no optimizer); its
+    log-probs come from `recompute_logprobs` like the learner's old log-probs."""
+    if cfg.loss.kl_coef == 0:
+        return None
+    from posttrain.cluster import LearnerGroup
+
+    cluster = dataclasses.replace(ctx.recipe.cluster, learners=1)
+    return LearnerGroup(cluster, ctx.recipe.model, ctx.init_path, token_ids=ids, seed=ctx.recipe.seed)
