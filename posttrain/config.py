@@ -18,6 +18,7 @@ __all__ = [
     "OptimConfig", "ScheduleConfig", "BatchConfig", "EvalConfig", "CheckpointConfig",
     "LearnerConfig", "SFTStageConfig", "RLStageConfig", "RLSamplingConfig", "RLRolloutConfig", "RLLossConfig",
     "RLFilterConfig", "RLRewardConfig", "StageConfig", "RecipeConfig", "load_recipe",
+    "PairsConfig", "DPOLossConfig", "DPOStageConfig",
     "recipe_path",
 ]
 
@@ -279,8 +280,101 @@ def _validate_rl(st: RLStageConfig, key: str) -> None:
                           f"({', '.join(sorted(REWARDS))}) nor 'module:function'")
 
 
+@dataclass(frozen=True)
+class PairsConfig:
+    """Where a `dpo` stage's preference pairs come from.
+
+    `file`: data.train (and optionally data.eval) are preference datasets (prompt/chosen/
+    rejected, strings or chat messages; data.format: preference).
+    `policy`: data.train is a prompt file with answers (data.format: rl; default: the task's
+    prompts.jsonl); the stage's starting model samples `num_samples` completions per prompt,
+    `reward` (a posttrain.rollout.rewards name or 'module:function') scores them, and the best
+    vs the worst completion of each prompt becomes a pair (prompts whose samples all score
+    the same are dropped). Generated pairs are saved in the stage dir and reused on resume.
+    Held-out pairs: data.eval if given, else the last `eval_fraction` of the pairs.
+    """
+
+    source: Literal["file", "policy"] = "file"
+    num_samples: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 32
+    reward: str = "exact_match"
+    num_prompts: Optional[int] = None  # use the first N prompts (default: all)
+    eval_fraction: float = 0.1
+    max_slots: int = 64  # rollout engine decode slots
+
+
+@dataclass(frozen=True)
+class DPOLossConfig:
+    """posttrain.algorithms.dpo_loss knobs; rpo_alpha > 0 adds the NLL of the chosen response (RPO)."""
+
+    beta: float = 0.1
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    label_smoothing: float = 0.0
+    rpo_alpha: float = 0.0
+
+
+@dataclass(frozen=True)
+class DPOStageConfig:
+    """Offline DPO. `batch` sizes count pairs (each pair is two sequences). `task_eval`: an
+    rl-format file (prompt + answer) for the exact-match eval; default: data.task's rl_eval."""
+
+    name: str
+    kind: Literal["dpo"]
+    data: DataConfig
+    steps: int
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+    loss: DPOLossConfig = field(default_factory=DPOLossConfig)
+    task_eval: Optional[str] = None
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    init_from: Optional[str] = None
+    log_every: int = 1
+
+
+def _validate_dpo(st: DPOStageConfig, key: str) -> None:
+    p, lo, d = st.pairs, st.loss, st.data
+    want_format = "preference" if p.source == "file" else "rl"
+    smoothing_ok = {"sigmoid": 0 <= lo.label_smoothing <= 0.5, "robust": 0 <= lo.label_smoothing < 0.5,
+                    "ipo": lo.label_smoothing == 0, "hinge": lo.label_smoothing == 0}[lo.loss_type]
+    checks = [
+        (d.format == want_format, "data.format",
+         f"must be {want_format!r} for a dpo stage with pairs.source={p.source}, got {d.format!r}"),
+        (p.source == "policy" or d.train is not None, "data.train",
+         "pairs.source=file needs a preference file in data.train (tasks ship prompts, not pairs)"),
+        (p.num_samples >= 2, "pairs.num_samples", f"must be >= 2 (best vs worst), got {p.num_samples}"),
+        (p.temperature > 0, "pairs.temperature", f"must be > 0 (greedy samples are all equal), got {p.temperature}"),
+        (0 < p.top_p <= 1, "pairs.top_p", f"must be in (0, 1], got {p.top_p}"),
+        (p.max_new_tokens >= 1, "pairs.max_new_tokens", f"must be >= 1, got {p.max_new_tokens}"),
+        (p.num_prompts is None or p.num_prompts >= 1, "pairs.num_prompts", f"must be >= 1, got {p.num_prompts}"),
+        (0 <= p.eval_fraction < 1, "pairs.eval_fraction", f"must be in [0, 1), got {p.eval_fraction}"),
+        (p.max_slots >= 1, "pairs.max_slots", f"must be >= 1, got {p.max_slots}"),
+        (lo.beta > 0, "loss.beta", f"must be > 0, got {lo.beta}"),
+        (smoothing_ok, "loss.label_smoothing",
+         f"{lo.label_smoothing} is out of range for loss_type {lo.loss_type} "
+         "(sigmoid: [0, 0.5], robust: [0, 0.5), ipo/hinge: 0)"),
+        (lo.rpo_alpha >= 0, "loss.rpo_alpha", f"must be >= 0, got {lo.rpo_alpha}"),
+        (st.task_eval is None or Path(st.task_eval).exists(), "task_eval", f"file not found: {st.task_eval}"),
+    ]
+    for ok, sub, msg in checks:
+        if not ok:
+            raise ConfigError(f"{key}.{sub}: {msg}")
+    if p.source == "policy":
+        from posttrain.rollout.rewards import resolve_reward
+
+        try:
+            resolve_reward(p.reward)
+        except ValueError as e:
+            raise ConfigError(f"{key}.pairs.reward: {e}") from None
+
+
 # Stage kinds are chosen by their `kind` key (see posttrain.schema's union handling).
-StageConfig = Union[SFTStageConfig, RLStageConfig]
+StageConfig = Union[SFTStageConfig, RLStageConfig, DPOStageConfig]
 
 
 @dataclass(frozen=True)
@@ -386,6 +480,8 @@ def _validate_stage(st: SFTStageConfig, key: str) -> None:
     if d.pack and st.batch.micro_size != 1:
         raise ConfigError(f"{key}.batch.micro_size: must be 1 with data.pack (one packed row of "
                           f"data.max_seq_len tokens per micro-batch), got {st.batch.micro_size}")
+    if isinstance(st, DPOStageConfig):
+        _validate_dpo(st, key)
     if isinstance(st, RLStageConfig):  # no `batch`: an RL batch is prompts_per_step x group_size
         _validate_rl(st, key)
         return

@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import torch
 
-from posttrain.algorithms import cispo_loss, grpo_loss, rollout_correction, sft_loss
+from posttrain.algorithms import cispo_loss, dpo_loss, grpo_loss, rollout_correction, sft_loss
 from posttrain.data.collate import IGNORE_INDEX, Batch
 from posttrain.models import forward_hidden, token_logprobs
 
@@ -181,3 +181,81 @@ def cispo_objective(model: torch.nn.Module, batch: RLBatch, *, num_tokens: float
 
 
 RL_OBJECTIVES = {"grpo": grpo_objective, "cispo": cispo_objective}
+
+
+# ----------------------------------------------------------------------------------- DPO
+# Margins within this many nats count as ties in `pref_accuracy` (the starting model ranks
+# every pair as a tie; float noise from different padding must not look like a preference).
+PREF_TIE_NATS = 1e-4
+
+
+@dataclass
+class PreferenceBatch:
+    """B preference pairs as 2B right-padded rows: rows [0, B) are the chosen responses,
+    rows [B, 2B) the rejected ones (pair i = rows i and B + i). `input_ids`/`targets`/
+    `position_ids`/`attention_mask` follow posttrain.data.Batch (targets shifted, -100 off the
+    response); `ref_logps` are the reference model's sequence log-probs of the same rows."""
+
+    input_ids: torch.Tensor  # [2B, T] long
+    targets: torch.Tensor  # [2B, T] long
+    position_ids: torch.Tensor  # [2B, T] long
+    attention_mask: torch.Tensor  # [2B, T] long
+    ref_logps: torch.Tensor  # [2B] float64
+
+    @property
+    def rows(self) -> Batch:
+        return Batch(self.input_ids, self.targets, self.position_ids, self.attention_mask)
+
+
+def sequence_logprobs(model: torch.nn.Module, batch: Batch, *, chunk_size: int = 1024):
+    """Sequence log-prob = sum of the target tokens' log-probs `[B]`, target counts `[B]`, aux loss."""
+    logp, aux = policy_logprobs(model, batch, chunk_size=chunk_size)  # [B, T], 0 off target
+    mask = batch.targets != IGNORE_INDEX  # [B, T]
+    return logp.sum(-1), mask.sum(-1).to(logp.dtype), aux
+
+
+@torch.no_grad()
+def reference_logprobs(model: torch.nn.Module, batches: list[Batch], *, chunk_size: int = 1024) -> list[float]:
+    """Sequence log-probs of every row of `batches`, in order (run once, on the starting model)."""
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        out: list[float] = []
+        for b in batches:
+            b = Batch(*(t.to(device) for t in (b.input_ids, b.targets, b.position_ids, b.attention_mask)))
+            out += sequence_logprobs(model, b, chunk_size=chunk_size)[0].double().cpu().tolist()
+        return out
+    finally:
+        model.train(was_training)
+
+
+def dpo_objective(model: torch.nn.Module, batch: PreferenceBatch, *, num_pairs: int, beta: float,
+                  loss_type: str = "sigmoid", label_smoothing: float = 0.0, rpo_alpha: float = 0.0,
+                  chunk_size: int = 1024) -> tuple[torch.Tensor, dict[str, Any]]:
+    """DPO-family loss (posttrain.algorithms.dpo_loss) on sequence log-probs summed over the
+    response tokens, normalised by `num_pairs`: all pairs of the optimizer step across
+    micro-batches and ranks. The router aux loss is weighted by this micro-batch's pair share.
+
+    Metrics are contributions that sum to means over the step's pairs: dpo_loss's (rewards/*,
+    logps/*, loss/*), `pref_accuracy` (implicit reward of chosen > rejected, ties within
+    PREF_TIE_NATS count 1/2) and `logp_accuracy` (raw log-prob of chosen > rejected); `pairs`
+    sums to the pair count.
+    """
+    seq, lengths, aux = sequence_logprobs(model, batch.rows, chunk_size=chunk_size)  # [2B]
+    B = seq.shape[0] // 2
+    ref = batch.ref_logps.to(seq.dtype)
+    loss, m = dpo_loss(seq[:B], seq[B:], ref[:B], ref[B:], beta=beta, loss_type=loss_type,
+                       label_smoothing=label_smoothing, chosen_lengths=lengths[:B],
+                       rejected_lengths=lengths[B:], rpo_alpha=rpo_alpha, num_pairs=num_pairs)
+    share = B / num_pairs
+    margin = ((seq[:B] - ref[:B]) - (seq[B:] - ref[B:])).detach()  # [B]
+    tie = margin.abs() <= PREF_TIE_NATS
+    metrics = {k: (v if k == "loss" else v * share) for k, v in m.items()}
+    metrics.update({
+        "pref_accuracy": ((margin > PREF_TIE_NATS).sum() + 0.5 * tie.sum()) / num_pairs,
+        "logp_accuracy": (seq[:B] > seq[B:]).sum().detach() / num_pairs,
+        "aux_loss": (aux * share).detach(),
+        "pairs": float(B),
+    })
+    return loss + aux * share, metrics

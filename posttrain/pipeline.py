@@ -27,11 +27,12 @@ from posttrain.checkpoint import atomic_dir, write_json_atomic
 from posttrain.config import ConfigError, ModelConfig, RecipeConfig, TokenizerConfig
 from posttrain.metrics import MetricsLogger
 from posttrain.stages.common import StageContext
+from posttrain.stages.dpo import run_dpo
 from posttrain.stages.rl import run_rl
 from posttrain.stages.sft import run_sft
 
 StageRunner = Callable[[StageContext, Any, Any], dict[str, Any]]
-STAGE_RUNNERS: dict[str, StageRunner] = {"sft": run_sft, "rl": run_rl}
+STAGE_RUNNERS: dict[str, StageRunner] = {"sft": run_sft, "rl": run_rl, "dpo": run_dpo}
 
 
 def prepare_run_dir(cfg: RecipeConfig, *, resume: bool, overwrite: bool) -> Path:

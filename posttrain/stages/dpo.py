@@ -1,0 +1,198 @@
+"""The `dpo` stage: offline preference optimisation (DPO, IPO, hinge, robust; + RPO's NLL).
+
+Loop: pairs (from files, or sampled from the starting model and scored with the stage's
+reward; saved in the stage dir) -> reference log-probs of every pair, computed once with the
+starting model before any update (saved beside the pairs) -> (resume) -> for each optimizer
+step: pick the step's pairs, shard them over learner ranks into micro-batches, one learner
+step with the DPO objective (mean over the step's pairs) -> log -> periodic eval (held-out
+preference accuracy + the task's exact-match) and resumable state -> final eval, checkpoint
+and manifest. A resumed run reuses the saved pairs and reference log-probs.
+
+Batches are right-padded (chosen and rejected rows of a micro-batch side by side); pairs are
+not packed into long rows yet.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional, TypeVar
+
+from posttrain.checkpoint import write_json_atomic
+from posttrain.config import DPOStageConfig
+from posttrain.data import load_records
+from posttrain.objectives import dpo_objective
+from posttrain.progress import stage_progress
+from posttrain.stages.common import (
+    StageContext, batch_indices, exact_match_eval, finish_stage, latest_state, save_state, shard, task_files,
+)
+from posttrain.stages.dpo_pairs import (
+    Pair, collate_pairs, compute_reference, encode_pairs, fingerprint, generate_pair_rows, with_reference,
+    write_jsonl_atomic,
+)
+
+T = TypeVar("T")
+
+
+def run_dpo(ctx: StageContext, cfg: DPOStageConfig, learners: Any) -> dict[str, Any]:
+    world = learners.world_size
+    if cfg.batch.global_size % (cfg.batch.micro_size * world):
+        raise ValueError(f"{cfg.name}: batch.global_size {cfg.batch.global_size} must be a multiple of "
+                         f"micro_size x learners = {cfg.batch.micro_size * world}")
+    learners.configure(cfg.optim, cfg.schedule, cfg.learner, cfg.steps)
+    # Both need the starting model: they run before any resumed state is loaded.
+    train_pairs, eval_pairs = prepare_pairs(ctx, cfg, learners)
+    train_pairs, eval_pairs = prepare_reference(ctx, cfg, learners, train_pairs, eval_pairs)
+    task_records = load_task_eval(ctx, cfg)
+    pad_id = ctx.tokenizer.pad_token_id
+    knobs = dict(beta=cfg.loss.beta, loss_type=cfg.loss.loss_type, label_smoothing=cfg.loss.label_smoothing,
+                 rpo_alpha=cfg.loss.rpo_alpha, chunk_size=cfg.learner.loss_chunk_size)
+
+    start = 0
+    state = latest_state(ctx)
+    if state is not None:
+        start = learners.load_state(str(state))["step"]
+        ctx.console.print(f"[cyan]{cfg.name}: resuming from step {start} ({state})[/cyan]")
+    ctx.logger.truncate(cfg.name, start + 1)
+
+    def evaluate(step: int) -> dict[str, Any]:
+        metrics = exact_match_eval(ctx, learners, task_records, cfg.data.task, cfg.eval)
+        metrics.update(preference_eval(learners, eval_pairs, pad_id, cfg.batch.micro_size, knobs))
+        ctx.logger.log(cfg.name, "eval", step, metrics)
+        return metrics
+
+    if start == 0:
+        evaluate(0)
+    last: dict[str, Any] = {}
+    with stage_progress(ctx.console, cfg.name, cfg.steps, start) as bar:
+        for step in range(start, cfg.steps):
+            chosen = [train_pairs[i] for i in batch_indices(len(train_pairs), cfg.batch.global_size, step, ctx.seed)]
+            micro = [[collate_pairs(mb, pad_id) for mb in rank] for rank in shard(chosen, world, cfg.batch.micro_size)]
+            last = learners.train_step(dpo_objective, micro, num_pairs=len(chosen), **knobs)
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+                ctx.logger.log(cfg.name, "train", step + 1, last)
+            bar.advance(loss=last["loss"], acc=last["rewards/accuracies"])
+            if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and step + 1 < cfg.steps:
+                evaluate(step + 1)
+            if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0 and step + 1 < cfg.steps:
+                save_state(ctx, learners, step + 1, cfg.checkpoint)
+    final = evaluate(cfg.steps)
+    return finish_stage(ctx, learners, "dpo", cfg.name, cfg, final, last)
+
+
+# --------------------------------------------------------------------------- pairs
+def pairs_dir(ctx: StageContext) -> Path:
+    return ctx.stage_dir / "pairs"
+
+
+def prepare_pairs(ctx: StageContext, cfg: DPOStageConfig, learners: Any) -> tuple[list[Pair], list[Pair]]:
+    """(train, held-out) encoded pairs: from data.train/data.eval, or generated (once) by the policy."""
+    if cfg.pairs.source == "policy":  # generation already held out the eval pairs
+        train_path, eval_path = generated_pair_files(ctx, cfg, learners)
+        train = _load_pairs(ctx, cfg, train_path)
+        held_out = _load_pairs(ctx, cfg, eval_path) if eval_path else []
+    else:
+        train_path = Path(cfg.data.train)
+        train = _load_pairs(ctx, cfg, train_path)
+        if cfg.data.eval:
+            held_out = _load_pairs(ctx, cfg, Path(cfg.data.eval))
+        else:
+            train, held_out = split_off(train, cfg.pairs.eval_fraction)
+    if not train:
+        raise ValueError(f"{cfg.name}: no training pairs left in {train_path}")
+    ctx.console.print(f"{cfg.name}: {len(train)} training pairs, {len(held_out)} held-out pairs")
+    return train, held_out
+
+
+def split_off(items: list[T], fraction: float) -> tuple[list[T], list[T]]:
+    """The last ceil(fraction * n) items are held out (at least one stays for training)."""
+    n_eval = min(len(items) - 1, math.ceil(fraction * len(items)))
+    return (items[:-n_eval], items[-n_eval:]) if n_eval > 0 else (items, [])
+
+
+def _load_pairs(ctx: StageContext, cfg: DPOStageConfig, path: Path) -> list[Pair]:
+    res = load_records(path, "preference", on_bad_row=cfg.data.on_bad_row)
+    if res.n_skipped:
+        ctx.console.print(f"[yellow]{path}: skipped {res.n_skipped} malformed rows (first: {res.errors[0]})[/yellow]")
+    return encode_pairs(res.records, ctx.tokenizer, cfg.data.max_seq_len, path)
+
+
+def generated_pair_files(ctx: StageContext, cfg: DPOStageConfig, learners: Any) -> tuple[Path, Optional[Path]]:
+    """Sample, score and save pairs unless a previous run of this stage already did."""
+    out = pairs_dir(ctx)
+    train_path, eval_path, info_path = out / "train.jsonl", out / "eval.jsonl", out / "info.json"
+    if info_path.exists():  # written last: the files are complete
+        ctx.console.print(f"[cyan]{cfg.name}: reusing generated pairs in {out}[/cyan]")
+        return train_path, eval_path if eval_path.stat().st_size else None
+    files = task_files(ctx, cfg.data) if cfg.data.task else {}
+    prompt_file = Path(cfg.data.train) if cfg.data.train else files["prompts"]
+    records = load_records(prompt_file, "rl", on_bad_row=cfg.data.on_bad_row).records
+    records = records[: cfg.pairs.num_prompts] if cfg.pairs.num_prompts else records
+    ctx.console.print(f"{cfg.name}: sampling {cfg.pairs.num_samples} completions for each of "
+                      f"{len(records)} prompts ({prompt_file})")
+    rows, stats = generate_pair_rows(learners, ctx.tokenizer, records, cfg.pairs, ctx.seed)
+    if cfg.data.eval:
+        eval_records = load_records(cfg.data.eval, "rl", on_bad_row=cfg.data.on_bad_row).records
+        eval_rows, eval_stats = generate_pair_rows(learners, ctx.tokenizer, eval_records, cfg.pairs, ctx.seed + 1)
+        stats.update({f"eval_{k}": v for k, v in eval_stats.items()})
+    else:
+        rows, eval_rows = split_off(rows, cfg.pairs.eval_fraction)
+    if not rows:
+        raise ValueError(f"{cfg.name}: no preference pairs: every prompt's {cfg.pairs.num_samples} samples "
+                         f"got the same {cfg.pairs.reward} reward (raise pairs.temperature or num_samples, "
+                         f"or start from a better model)")
+    write_jsonl_atomic(train_path, rows)
+    write_jsonl_atomic(eval_path, eval_rows)
+    write_json_atomic(info_path, {"prompt_file": str(prompt_file), "model": ctx.init_path, **stats})
+    ctx.logger.log(cfg.name, "pairs", 0, stats)
+    ctx.console.print(f"{cfg.name}: {len(rows)} + {len(eval_rows)} held-out pairs from {len(records)} prompts "
+                      f"(mean reward {stats['reward/mean']:.3f}) -> {out}")
+    return train_path, eval_path if eval_rows else None
+
+
+# ------------------------------------------------------------------------ reference
+def prepare_reference(ctx: StageContext, cfg: DPOStageConfig, learners: Any, train: list[Pair],
+                      held_out: list[Pair]) -> tuple[list[Pair], list[Pair]]:
+    """Attach the starting model's sequence log-probs to every pair, computing them only when
+    ref_logps.json is missing or belongs to other pairs / another starting model."""
+    path = pairs_dir(ctx) / "ref_logps.json"
+    key = fingerprint(train + held_out, ctx.init_path)
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("fingerprint") == key:
+            ctx.console.print(f"[cyan]{cfg.name}: reusing reference log-probs in {path}[/cyan]")
+            return with_reference(train, saved["train"]), with_reference(held_out, saved["eval"])
+        ctx.console.print(f"[yellow]{cfg.name}: {path} belongs to other pairs or another model; recomputing[/yellow]")
+    ref = compute_reference(learners, train + held_out, ctx.tokenizer.pad_token_id, cfg.batch.micro_size,
+                            cfg.learner.loss_chunk_size)
+    write_json_atomic(path, {"fingerprint": key, "model": ctx.init_path,
+                             "train": ref[:len(train)], "eval": ref[len(train):]})
+    ctx.console.print(f"{cfg.name}: reference log-probs of {len(ref)} pairs -> {path}")
+    return with_reference(train, ref[:len(train)]), with_reference(held_out, ref[len(train):])
+
+
+# ---------------------------------------------------------------------------- eval
+def load_task_eval(ctx: StageContext, cfg: DPOStageConfig) -> list[Any]:
+    """rl records (prompt + answer) for the exact-match eval: task_eval, else the task's rl_eval."""
+    if cfg.task_eval:
+        path = Path(cfg.task_eval)
+    elif cfg.data.task:
+        path = task_files(ctx, cfg.data)["rl_eval"]
+    else:
+        return []
+    return list(load_records(path, "rl", on_bad_row=cfg.data.on_bad_row).records)
+
+
+def preference_eval(learners: Any, pairs: list[Pair], pad_id: int, micro_size: int,
+                    knobs: dict[str, Any]) -> dict[str, float]:
+    """Held-out pairs: pref_accuracy (implicit reward ranks chosen first; ties count 1/2),
+    logp_accuracy (raw log-probs do), pref_loss and the reward margin, means over pairs."""
+    world = learners.world_size
+    pairs = pairs[: len(pairs) - len(pairs) % world]
+    if not pairs:
+        return {}
+    micro = [[collate_pairs(mb, pad_id) for mb in rank] for rank in shard(pairs, world, micro_size)]
+    m = learners.evaluate(dpo_objective, micro, num_pairs=len(pairs), **knobs)
+    return {"pref_accuracy": m["pref_accuracy"], "logp_accuracy": m["logp_accuracy"], "pref_loss": m["loss"],
+            "reward_margin": m["rewards/margins"], "reward_chosen": m["rewards/chosen"],
+            "reward_rejected": m["rewards/rejected"], "pref_pairs": m["pairs"]}

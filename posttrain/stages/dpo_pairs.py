@@ -1,0 +1,209 @@
+"""Preference pairs for the `dpo` stage: read from files or sampled from the policy, encoded
+token-in/token-out, and their reference log-probs computed once.
+
+Files in the stage dir (written atomically, reused on resume):
+
+    pairs/train.jsonl, pairs/eval.jsonl   generated pairs (pairs.source=policy): preference
+                                          rows (prompt/chosen/rejected texts) plus the exact
+                                          token ids (prompt_ids, chosen_ids, rejected_ids)
+                                          and both rewards
+    pairs/info.json                       generation stats; written last = generation complete
+    pairs/ref_logps.json                  reference sequence log-probs of every pair, with a
+                                          fingerprint of the pairs' tokens and the model
+
+A preference row carrying `prompt_ids`/`chosen_ids`/`rejected_ids` is trained on exactly those
+ids (never re-tokenised text); any other row goes through the chat template
+(posttrain.data.encode_preference).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from posttrain.data import DataError, Example, PreferenceRecord, collate, encode_preference, encode_prompt
+from posttrain.objectives import PreferenceBatch, reference_logprobs
+from posttrain.rollout.types import SamplingParams
+
+ID_KEYS = ("prompt_ids", "chosen_ids", "rejected_ids")
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One encoded preference pair and its reference sequence log-probs (nan until computed)."""
+
+    chosen: Example
+    rejected: Example
+    ref_chosen: float = math.nan
+    ref_rejected: float = math.nan
+
+
+# ------------------------------------------------------------------------- encoding
+def _token_example(prompt_ids: list[int], completion_ids: list[int], max_len: int) -> Example:
+    ids = prompt_ids + completion_ids
+    mask = [0] * len(prompt_ids) + [1] * len(completion_ids)
+    if len(ids) > max_len:  # same policy as posttrain.data: keep the prompt, cut the response
+        return Example(ids[:max_len], mask[:max_len], truncated=True)
+    return Example(ids, mask)
+
+
+def _ids(meta: dict[str, Any], key: str, where: str) -> list[int]:
+    v = meta[key]
+    if not isinstance(v, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in v):
+        raise DataError(f"{where}: {key!r} must be a list of non-negative token ids")
+    return v
+
+
+def encode_pair(record: PreferenceRecord, tokenizer: Any, max_len: int, where: str) -> Optional[Pair]:
+    """A Pair, or None when either response has no trained token left after truncation."""
+    present = [k for k in ID_KEYS if k in record.meta]
+    if present and len(present) < len(ID_KEYS):
+        raise DataError(f"{where}: has {present} but not all of {list(ID_KEYS)}")
+    if present:
+        prompt = _ids(record.meta, "prompt_ids", where)
+        chosen = _token_example(prompt, _ids(record.meta, "chosen_ids", where), max_len)
+        rejected = _token_example(prompt, _ids(record.meta, "rejected_ids", where), max_len)
+    else:
+        chosen, rejected = encode_preference(record, tokenizer, max_len)
+    if chosen.n_trained == 0 or rejected.n_trained == 0:
+        return None
+    return Pair(chosen, rejected)
+
+
+def encode_pairs(records: Sequence[PreferenceRecord], tokenizer: Any, max_len: int, path: Path) -> list[Pair]:
+    out = [encode_pair(r, tokenizer, max_len, f"{path} pair {i + 1}") for i, r in enumerate(records)]
+    return [p for p in out if p is not None]
+
+
+def collate_pairs(pairs: Sequence[Pair], pad_id: int) -> PreferenceBatch:
+    """B pairs -> one PreferenceBatch of 2B rows (chosen first, then rejected)."""
+    rows = collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+    ref = torch.tensor([p.ref_chosen for p in pairs] + [p.ref_rejected for p in pairs], dtype=torch.float64)
+    return PreferenceBatch(rows.input_ids, rows.targets, rows.position_ids, rows.attention_mask, ref)
+
+
+# ----------------------------------------------------------------------- generation
+@torch.no_grad()
+def sample_completions(model: torch.nn.Module, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                       *, max_slots: int = 64) -> list[list[int]]:
+    """`params.n` sampled completions (token ids, stop token kept) per prompt, prompt-major.
+
+    Module-level so LearnerGroup.call_rank0 runs it on the learner's own weights."""
+    from posttrain.generation import engine_name
+    from posttrain.rollout.worker import ENGINES, RolloutConfig
+
+    was_training = model.training
+    model.eval()
+    try:
+        name = engine_name(model)
+        engine = ENGINES[name](model, RolloutConfig(engine=name, max_slots=max_slots))
+        return [list(c.token_ids) for c in engine.generate([list(p) for p in prompts], params)]
+    finally:
+        model.train(was_training)
+
+
+def select_pair(rewards: Sequence[float]) -> Optional[tuple[int, int]]:
+    """(best, worst) sample indices (first on ties), or None when all rewards are equal."""
+    best = max(range(len(rewards)), key=lambda i: (rewards[i], -i))
+    worst = min(range(len(rewards)), key=lambda i: (rewards[i], i))
+    return None if rewards[best] == rewards[worst] else (best, worst)
+
+
+def _plain_prompt(prompt: Any) -> Any:
+    return prompt if isinstance(prompt, str) else [{"role": m.role, "content": m.content} for m in prompt]
+
+
+def build_pair_rows(records: Sequence[Any], prompt_ids: Sequence[list[int]], completions: Sequence[list[int]],
+                    texts: Sequence[str], rewards: Sequence[float], n: int) -> list[dict[str, Any]]:
+    """Preference rows (best vs worst of each prompt's `n` samples; prompt-major inputs)."""
+    rows = []
+    for i, rec in enumerate(records):
+        group = slice(i * n, (i + 1) * n)
+        picked = select_pair(rewards[group])
+        if picked is None:
+            continue
+        b, w = (i * n + j for j in picked)
+        rows.append({
+            "prompt": _plain_prompt(rec.prompt), "chosen": texts[b], "rejected": texts[w],
+            "answer": rec.answer, "prompt_index": i, "chosen_reward": rewards[b], "rejected_reward": rewards[w],
+            "prompt_ids": list(prompt_ids[i]), "chosen_ids": list(completions[b]),
+            "rejected_ids": list(completions[w]),
+        })
+    return rows
+
+
+def generate_pair_rows(learners: Any, tokenizer: Any, records: Sequence[Any], cfg: Any, seed: int
+                       ) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Sample cfg.num_samples completions per rl record on learner rank 0, score them with
+    cfg.reward (posttrain.rollout.rewards, as RL does) and keep best vs worst. `cfg`: PairsConfig."""
+    from posttrain.rollout.rewards import RewardConfig, RewardRunner
+
+    prompt_ids = [encode_prompt(r, tokenizer) for r in records]
+    params = SamplingParams(n=cfg.num_samples, temperature=cfg.temperature, top_p=cfg.top_p,
+                            max_new_tokens=cfg.max_new_tokens, stop_token_ids=(tokenizer.eos_token_id,), seed=seed)
+    completions = learners.call_rank0(sample_completions, prompt_ids, params, max_slots=cfg.max_slots)
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in completions]
+    k = cfg.num_samples
+    refs = [r.answer for r in records for _ in range(k)]
+    metas = [dict(r.meta) for r in records for _ in range(k)]
+    runner = RewardRunner(RewardConfig(fn=cfg.reward, num_workers=8))
+    rewards, reward_metrics = runner.score(texts, refs, metas)
+    rows = build_pair_rows(records, prompt_ids, completions, texts, rewards, k)
+    stats = {"prompts": float(len(records)), "pairs": float(len(rows)),
+             "dropped_equal": float(len(records) - len(rows)), **reward_metrics}
+    return rows, stats
+
+
+def write_jsonl_atomic(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ------------------------------------------------------------------------ reference
+def fingerprint(pairs: Sequence[Pair], model: Optional[str]) -> str:
+    """Identifies the reference log-probs: the pairs' exact tokens and the starting model."""
+    h = hashlib.sha1(str(model).encode())
+    for p in pairs:
+        for ex in (p.chosen, p.rejected):
+            h.update(json.dumps([ex.input_ids, ex.loss_mask]).encode())
+    return h.hexdigest()
+
+
+def compute_reference(learners: Any, pairs: Sequence[Pair], pad_id: int, micro_size: int,
+                      chunk_size: int) -> list[tuple[float, float]]:
+    """(chosen, rejected) sequence log-probs of every pair under the learner's current weights.
+
+    Called before the stage's first update, when the learner IS the reference model, so the
+    learner never holds a second model."""
+    batches = [collate_pairs(pairs[i:i + micro_size], pad_id).rows for i in range(0, len(pairs), micro_size)]
+    flat = learners.call_rank0(reference_logprobs, batches, chunk_size=chunk_size)
+    out: list[tuple[float, float]] = []
+    pos = 0
+    for i in range(0, len(pairs), micro_size):
+        b = len(pairs[i:i + micro_size])
+        out += list(zip(flat[pos:pos + b], flat[pos + b:pos + 2 * b]))
+        pos += 2 * b
+    return out
+
+
+def with_reference(pairs: Sequence[Pair], ref: Sequence[tuple[float, float]]) -> list[Pair]:
+    if len(ref) != len(pairs):
+        raise ValueError(f"{len(ref)} reference log-prob pairs for {len(pairs)} pairs")
+    return [dataclasses.replace(p, ref_chosen=c, ref_rejected=r) for p, (c, r) in zip(pairs, ref)]
