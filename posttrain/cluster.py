@@ -194,6 +194,7 @@ class RolloutGroup:
         import ray
 
         from posttrain.rollout import Completion, RolloutBatch
+        from posttrain.rollout.worker import rollout_metrics
 
         per = -(-len(prompt_ids) // len(self.actors))
         shards = [(i, list(map(list, prompt_ids[i * per:(i + 1) * per]))) for i in range(len(self.actors))]
@@ -208,14 +209,13 @@ class RolloutGroup:
         versions = {b.policy_version for b in batches}
         if len(versions) != 1:
             raise RuntimeError(f"rollout workers hold different policy versions {sorted(versions)}")
-        completions, metrics = [], {}
+        completions = []
         for (i, _), b in zip(shards, batches):
-            offset = i * per
-            completions += [Completion(c.prompt_index + offset, c.sample_index, c.token_ids, c.logprobs,
+            completions += [Completion(c.prompt_index + i * per, c.sample_index, c.token_ids, c.logprobs,
                                        c.finish_reason) for c in b.completions]
-            for k, v in b.metrics.items():  # seconds: the slowest shard; counts: summed
-                metrics[k] = max(metrics.get(k, 0.0), v) if k.endswith("seconds") else metrics.get(k, 0.0) + v
-        return RolloutBatch(completions, versions.pop(), len(prompt_ids), params.n, metrics)
+        seconds = max(b.metrics.get("rollout/seconds", 0.0) for b in batches)  # shards run in parallel
+        return RolloutBatch(completions, versions.pop(), len(prompt_ids), params.n,
+                            rollout_metrics(completions, seconds))
 
     def replace_dead(self) -> list[int]:
         """Rebuild every actor that no longer answers; returns their indices."""

@@ -54,7 +54,7 @@ class Sample:
 
 
 def run_rl(ctx: StageContext, cfg: RLStageConfig, learners: Any) -> dict[str, Any]:
-    from posttrain.cluster import RolloutGroup, RolloutWorkerLost
+    from posttrain.cluster import RolloutGroup
     from posttrain.generation import engine_name
     from posttrain.pipeline import token_ids
     from posttrain.weight_sync import ObjectStoreWeightSync
@@ -86,12 +86,7 @@ def run_rl(ctx: StageContext, cfg: RLStageConfig, learners: Any) -> dict[str, An
     reference = reference_policy(ctx, cfg, ids)
 
     def generate(prompt_ids: list[list[int]], params: SamplingParams):
-        try:
-            return rollouts.generate(prompt_ids, params)
-        except RolloutWorkerLost as lost:  # rebuilt from the init checkpoint: bring it up to date
-            ctx.console.print(f"[yellow]{cfg.name}: {lost}; re-syncing version {sync.version} and retrying[/yellow]")
-            sync.push(sync.version, workers=lost.replaced)
-            return rollouts.generate(prompt_ids, params)
+        return generate_with_recovery(rollouts, sync, prompt_ids, params, ctx.console)
 
     def evaluate(step: int) -> dict[str, Any]:
         metrics = exact_match_eval(ctx, learners, eval_records, cfg.data.task, cfg.eval)
@@ -130,6 +125,20 @@ def run_rl(ctx: StageContext, cfg: RLStageConfig, learners: Any) -> dict[str, An
 
 
 # ------------------------------------------------------------------------------ phases
+def generate_with_recovery(rollouts: Any, sync: Any, prompt_ids: list[list[int]], params: SamplingParams,
+                           console: Any) -> Any:
+    """rollouts.generate; if workers died, they were rebuilt from the init checkpoint: push
+    them the current weights and version (nothing trained is lost), then retry once."""
+    from posttrain.cluster import RolloutWorkerLost
+
+    try:
+        return rollouts.generate(prompt_ids, params)
+    except RolloutWorkerLost as lost:
+        console.print(f"[yellow]{lost}; re-syncing version {sync.version} and retrying[/yellow]")
+        sync.push(sync.version, workers=lost.replaced)
+        return rollouts.generate(prompt_ids, params)
+
+
 class PhaseTimer:
     """Wall-clock seconds per phase of one step (time/generate, time/reward, ...)."""
 
