@@ -110,7 +110,7 @@ def test_recompute_logprobs_matches_unpadded_forward(model, temperature):
     assert torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()
 
 
-@pytest.mark.parametrize("kind", ["grpo_token", "grpo_seq", "cispo"])
+@pytest.mark.parametrize("kind", ["grpo_token", "grpo_seq", "grpo_kl", "cispo"])
 def test_objective_equals_algorithm_loss_on_same_logprobs(model, kind):
     samples = make_samples(2)
     b = to_rl_batch(samples, PAD, mask_truncated=False)
@@ -120,9 +120,12 @@ def test_objective_equals_algorithm_loss_on_same_logprobs(model, kind):
     if kind == "cispo":
         loss, m = cispo_objective(model, b, num_tokens=n_tok, eps_high=0.2, eps_low=0.1)
     else:
-        agg = "token_mean" if kind == "grpo_token" else "seq_mean"
+        agg = "seq_mean" if kind == "grpo_seq" else "token_mean"
+        kl = dict(kl_coef=0.05, kl_estimator="k3") if kind == "grpo_kl" else {}
+        if kl:  # a frozen reference's log-probs, as the stage's reference policy provides them
+            b.ref_logprobs = b.old_logprobs - 0.1 * b.mask
         loss, m = grpo_objective(model, b, num_tokens=n_tok, num_sequences=n_seq, clip_low=0.1,
-                                 clip_high=0.2, aggregation=agg)
+                                 clip_high=0.2, aggregation=agg, **kl)
     with torch.no_grad():
         lp = padded(reference_logprobs(model, samples), b, samples)
         aux = m["aux_loss"]
@@ -131,7 +134,11 @@ def test_objective_equals_algorithm_loss_on_same_logprobs(model, kind):
                                      num_tokens=n_tok)
     else:
         ref_loss, ref_m = grpo_loss(lp, b.old_logprobs, b.advantages, b.mask, clip_low=0.1, clip_high=0.2,
-                                    aggregation=agg, num_tokens=n_tok, num_sequences=n_seq)
+                                    aggregation=agg, num_tokens=n_tok, num_sequences=n_seq,
+                                    ref_logprobs=b.ref_logprobs, **kl)
+        if kl:
+            assert float(m["kl"]) == pytest.approx(float(ref_m["kl"]) * float(b.mask.sum()) / n_tok, abs=1e-6)
+            assert float(ref_m["kl"]) > 0
     assert float(m["loss"]) == pytest.approx(float(ref_loss), abs=1e-5)
     assert float(loss.detach()) == pytest.approx(float(ref_loss) + float(aux), abs=1e-5)
     assert float(aux) > 0
