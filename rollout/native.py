@@ -111,10 +111,11 @@ class _Run:
     def run(self) -> list[Completion]:
         self._fill_free_slots()
         while any(s is not None for s in self.slots):
-            active = torch.tensor([s is not None for s in self.slots], device=self.device)  # [S]
-            logits = decode_step(self.model, self.next_tokens, self.cache, active)  # [S, V] fp32
             rows = [i for i, s in enumerate(self.slots) if s is not None]
-            self._sample_into(rows, logits[rows])
+            active = torch.zeros(len(self.slots), dtype=torch.bool)
+            active[rows] = True
+            logits = decode_step(self.model, self.next_tokens, self.cache, active.to(self.device))  # [S, V] fp32
+            self._sample_into(rows, logits if len(rows) == len(self.slots) else logits[rows])
             self._fill_free_slots()
         return [self.finished[(p, s)] for p in range(len(self.prompts)) for s in range(self.params.n)]
 
@@ -156,14 +157,14 @@ class _Run:
         samples = [self.slots[i] for i in slots]
         gens = [s.generator for s in samples] if self.params.seed is not None else None
         ids, lps = sample_tokens(logits, self.params, gens)
+        # one write for all slots (a finished slot's entry is never read: it is inactive)
+        self.next_tokens[torch.tensor(slots, device=self.device)] = ids.to(self.device)
         lengths = self.cache.lengths.tolist()
         for slot, sample, tok, lp in zip(slots, samples, ids.tolist(), lps.tolist()):
             # The token is not in the cache yet; feeding it needs one more position.
             room = self.cache.max_len - lengths[slot] - 1
             reason = sample.append(tok, lp, self.params, self.threshold, room)
-            if reason is None:
-                self.next_tokens[slot] = tok
-            else:
+            if reason is not None:
                 self.finished[(sample.prompt_index, sample.sample_index)] = sample.done(reason)
                 self.slots[slot] = None
                 self.cache.release(slot)

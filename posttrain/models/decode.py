@@ -14,7 +14,7 @@ Typical engine loop (continuous batching over S slots):
 
 `decode_step` appends `tokens[s]` to every active slot s at position `cache.lengths[s]`
 (RoPE position = current length), advances the length by one and returns the next-token
-logits. `prefill_many` prefills several prompts in one packed forward. All functions run
+logits. `prefill_many` prefills several prompts in one batched forward. All functions run
 under `torch.no_grad()`; put the model in eval mode (router jitter is training-only).
 Logits are fp32; the LM head itself runs in fp32 when `config.posttrain_fp32_lm_head`.
 """
@@ -104,14 +104,47 @@ def prefill(model: HybridForCausalLM, input_ids: torch.Tensor) -> tuple[torch.Te
 def prefill_many(
     model: HybridForCausalLM, prompts: Sequence[torch.Tensor | list[int]]
 ) -> tuple[torch.Tensor, list[SlotState]]:
-    """Prefill N prompts in one packed forward (documents isolated via cu_seqlens).
+    """Prefill N prompts in one forward. Returns (next-token logits fp32 `[N, V]`, one SlotState per prompt).
 
-    Returns (next-token logits fp32 `[N, V]`, one SlotState per prompt).
+    Prompts of similar length run as one left-padded batch `[N, longest]`: lightning layers
+    see zeroed q, k, v on the padding, so their state stays exactly zero until the prompt
+    starts; RoPE positions start at 0 at each prompt's first token; softmax layers mask the
+    padding keys. Equal lengths need no mask at all (fused causal attention). Very uneven
+    lengths, where padding would mostly be wasted work, run as one packed row (cu_seqlens).
     """
     device = model.device
     ids = [torch.as_tensor(p, dtype=torch.long, device=device).reshape(-1) for p in prompts]
     lengths = [int(x.numel()) for x in ids]
-    cu = cu_seqlens_from_lengths(lengths, device=device)
+    N, longest = len(ids), max(lengths)
+    if N * longest > 2 * sum(lengths):
+        return _prefill_packed(model, ids, lengths)
+    pads = [longest - n for n in lengths]
+    batch = torch.zeros(N, longest, dtype=torch.long, device=device)
+    for row, (x, pad) in enumerate(zip(ids, pads)):
+        batch[row, pad:] = x
+    mask = position_ids = None
+    if any(pads):
+        pad_t = torch.tensor(pads, device=device)[:, None]  # [N, 1]
+        t = torch.arange(longest, device=device)[None, :]
+        mask = (t >= pad_t).long()  # [N, longest]
+        position_ids = (t - pad_t).clamp(min=0)
+    out = model.model(batch, attention_mask=mask, position_ids=position_ids, return_states=True)
+    logits = model.logits(out.hidden[:, -1]).float()  # [N, V]
+    states = []
+    for n, (length, pad) in enumerate(zip(lengths, pads)):
+        linear, kv = {}, {}
+        for i, st in enumerate(out.states):
+            if model.config.layer_types[i] == LINEAR:
+                linear[i] = st[n]
+            else:
+                kv[i] = (st[0][n, :, pad:], st[1][n, :, pad:])
+        states.append(SlotState(length=length, linear=linear, kv=kv))
+    return logits, states
+
+
+def _prefill_packed(model: HybridForCausalLM, ids: list[torch.Tensor], lengths: list[int]):
+    """prefill_many as one packed row (documents isolated via cu_seqlens)."""
+    cu = cu_seqlens_from_lengths(lengths, device=model.device)
     out = model.model(torch.cat(ids)[None], cu_seqlens=cu, return_states=True)
     last = (cu[1:] - 1).long()
     logits = model.logits(out.hidden[0, last]).float()  # [N, V]
@@ -137,39 +170,60 @@ def decode_step(
 
     tokens: long `[S]` (ignored where inactive); active: bool `[S]`. Rows of inactive slots are 0.
     Raises if an active slot is full (length == max_len).
+
+    When every slot is active (the steady state of continuous batching) the lightning states
+    are updated in place in the cache and the softmax layers read the cache through views:
+    no per-step copy of any state. Otherwise the active slots' lightning states are gathered
+    once per layer and written back with one index_copy_.
     """
     S = cache.num_slots
     if tokens.shape != (S,) or active.shape != (S,):
         raise ValueError(f"decode_step: tokens and active must be [S={S}], got {tuple(tokens.shape)}, {tuple(active.shape)}")
     idx = torch.nonzero(active).flatten()  # [n]
-    out = torch.zeros(S, model.config.vocab_size, dtype=torch.float32, device=tokens.device)
-    if idx.numel() == 0:
-        return out
-    pos = cache.lengths[idx]  # [n] position of the new token
+    n = idx.numel()
+    V = model.config.vocab_size
+    if n == 0:
+        return torch.zeros(S, V, dtype=torch.float32, device=tokens.device)
+    everyone = n == S
+    pos = cache.lengths if everyone else cache.lengths[idx]  # [n] position of the new token
     if int(pos.max()) >= cache.max_len:
         raise ValueError(f"decode_step: a slot reached max_len={cache.max_len}")
     base = model.model
-    h = base.embed_tokens(tokens[idx])  # [n, hidden]
+    h = base.embed_tokens(tokens if everyone else tokens[idx])  # [n, hidden]
     cos, sin = rope_cos_sin(model.config, pos[:, None], h.dtype)  # [n, 1, D]
+    mask = torch.arange(int(pos.max()) + 1, device=pos.device)[None, :] <= pos[:, None]  # [n, L]
     for i, layer in enumerate(base.layers):
         x = layer.input_layernorm(h)
         if i in cache.linear:
-            attn_out, new_state = layer.self_attn.step(x, cache.linear[i][idx])
-            cache.linear[i][idx] = new_state
+            state = cache.linear[i]
+            if everyone:
+                attn_out = layer.self_attn.step_(x, state)
+            else:
+                sub = state.index_select(0, idx)
+                attn_out = layer.self_attn.step_(x, sub)
+                state.index_copy_(0, idx, sub)
         else:
-            attn_out = _softmax_step(layer.self_attn, x, cos, sin, cache.k[i], cache.v[i], idx, pos)
+            attn_out = _softmax_step(layer.self_attn, x, cos, sin, cache.k[i], cache.v[i], idx, pos, mask, everyone)
         h, _ = layer.feed_forward(layer.residual_attn(x, attn_out))
-    out[idx] = model.logits(base.norm(h)).float()
+    logits = model.logits(base.norm(h)).float()  # [n, V]
     cache.lengths[idx] += 1
+    if everyone:
+        return logits
+    out = torch.zeros(S, V, dtype=torch.float32, device=tokens.device)
+    out[idx] = logits
     return out
 
 
-def _softmax_step(attn, x, cos, sin, k_cache, v_cache, idx, pos) -> torch.Tensor:
-    """Write this token's k, v at `pos` and attend over positions <= pos. x `[n, hidden]` -> `[n, hidden]`."""
+def _softmax_step(attn, x, cos, sin, k_cache, v_cache, idx, pos, mask, everyone: bool) -> torch.Tensor:
+    """Write this token's k, v at `pos` and attend over positions <= pos. x `[n, hidden]` -> `[n, hidden]`.
+
+    mask: bool `[n, L]` with L = longest filled prefix among the active slots."""
     q, k, v = attn.project(x[:, None], cos, sin)  # q [n, H, 1, D], k, v [n, Hkv, 1, D]
     k_cache[idx, :, pos] = k[:, :, 0].to(k_cache.dtype)
     v_cache[idx, :, pos] = v[:, :, 0].to(v_cache.dtype)
-    L = int(pos.max()) + 1  # attend only over the filled prefix of the longest active slot
-    keys, values = k_cache[idx, :, :L], v_cache[idx, :, :L]  # [n, Hkv, L, D]
-    mask = torch.arange(L, device=pos.device)[None, :] <= pos[:, None]  # [n, L]
-    return attn.attend(q, keys.to(q.dtype), values.to(q.dtype), mask[:, None, None, :], is_causal=False)[:, 0]
+    L = mask.shape[1]
+    if everyone:  # views: the cache is read in place
+        keys, values = k_cache[:, :, :L], v_cache[:, :, :L]
+    else:
+        keys, values = k_cache[idx, :, :L], v_cache[idx, :, :L]  # [n, Hkv, L, D]
+    return attn.attend_one(q, keys.to(q.dtype), values.to(q.dtype), mask)

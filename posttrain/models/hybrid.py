@@ -24,7 +24,7 @@ from transformers import MiniMaxConfig, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
-from posttrain.models.lightning import lightning_attention, lightning_slopes, lightning_step
+from posttrain.models.lightning import lightning_attention, lightning_slopes, lightning_step, lightning_step_
 from posttrain.models.varlen import positions_from_cu_seqlens
 
 LINEAR, FULL = "linear_attention", "full_attention"
@@ -129,6 +129,12 @@ class LightningAttention(nn.Module):
         o, state = lightning_step(q, k, v, self.slopes(x.device), state)
         return self._output(x, o), state
 
+    def step_(self, x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """Like `step` but updates `state` (fp32 `[S, H, D, D]`, contiguous) in place. Returns out `[S, hidden]`."""
+        q, k, v = self._qkv(x)  # [S, H, D]
+        o = lightning_step_(q, k, v, self.slopes(x.device), state)
+        return self._output(x, o)
+
 
 class SoftmaxAttention(nn.Module):
     """Multi-head (GQA) softmax attention with RoPE; scale 1/sqrt(D)."""
@@ -153,11 +159,23 @@ class SoftmaxAttention(nn.Module):
 
     def attend(self, q, k, v, mask: Optional[torch.Tensor], is_causal: bool) -> torch.Tensor:
         """q `[B, H, Tq, D]`, k, v `[B, Hkv, Tk, D]`, mask bool broadcastable to `[B, H, Tq, Tk]` -> `[B, Tq, hidden]`."""
-        rep = self.num_heads // self.num_kv
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
+        # GQA inside SDPA: no repeated copy of k, v (query head h reads kv head h // (H / Hkv))
+        o = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal and mask is None, enable_gqa=self.num_kv != self.num_heads
+        )
         B, _, Tq, _ = o.shape
         return self.o_proj(o.transpose(1, 2).reshape(B, Tq, -1))
+
+    def attend_one(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Decoding: one query per row. q `[n, H, 1, D]`, k, v `[n, Hkv, L, D]` (may be strided views
+        of a cache), mask bool `[n, L]` -> `[n, hidden]`.
+
+        The H / Hkv query heads that share a kv head become that head's query rows, so the
+        cache is read as is (no repeat, no copy) by any SDPA backend."""
+        n, H, _, D = q.shape
+        qg = q.reshape(n, self.num_kv, H // self.num_kv, D)  # head h = kv * rep + r
+        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask[:, None, None, :])
+        return self.o_proj(o.reshape(n, H * D))
 
     def forward(self, x: torch.Tensor, ctx: LayerContext):
         """x `[B, T, hidden]` -> (out, (k, v) after RoPE `[B, Hkv, T, D]` when ctx.return_state else None)."""
@@ -215,11 +233,16 @@ class SparseMoE(nn.Module):
         probs = torch.softmax(logits.float(), dim=-1)
         weights, chosen = probs.topk(self.top_k, dim=-1)  # [N, k]
         weights = weights / weights.sum(-1, keepdim=True)
-        out = torch.zeros_like(flat)
-        for e in torch.unique(chosen).tolist():  # only experts that received tokens
-            tok, slot = torch.nonzero(chosen == e, as_tuple=True)
-            y = self.experts[e](flat[tok]) * weights[tok, slot, None]
-            out.index_add_(0, tok, y.to(out.dtype))
+        # Group the N*k (token, expert) assignments by expert with one sort, so each expert
+        # runs once on a contiguous slice and one index_add scatters everything back.
+        assigned = chosen.reshape(-1)  # [N*k]
+        order = torch.argsort(assigned, stable=True)  # by expert, then token: same sum order as a per-expert loop
+        counts = torch.bincount(assigned, minlength=len(self.experts)).tolist()
+        tok = order // self.top_k  # [N*k] token of each sorted assignment
+        xs = flat.index_select(0, tok).split(counts)
+        ys = [self.experts[e](xe) for e, xe in enumerate(xs) if counts[e] > 0]
+        y = (torch.cat(ys) * weights.reshape(-1)[order, None]).to(flat.dtype)
+        out = torch.zeros_like(flat).index_add_(0, tok, y)
         return out.reshape(shape), logits
 
 

@@ -14,9 +14,14 @@ row holds N documents back to back; each starts from its own initial state (`[N,
 zeros when None) and the final states are per document (`[N, H, D, D]`). No state crosses a
 document boundary.
 
-Backends: on CUDA, when flash-linear-attention is importable, `fla.ops.simple_gla.chunk_simple_gla`
-with `g_gamma = -slopes, scale = 1.0` (fla's own `lightning_attn` op uses a different decay
-convention and must not be used here). Everywhere else a chunked pure-torch form.
+Backends: on CUDA, when flash-linear-attention (package `fla-core`) is importable,
+`fla.ops.simple_gla.chunk_simple_gla` with `g_gamma = -slopes, scale = 1.0` for sequences and
+`fused_recurrent_simple_gla` for decoding steps. fla's g_gamma is a per-head *log* decay applied
+once per step (S_t = exp(g_gamma) S_{t-1} + k_t^T v_t), so g_gamma = -s is exactly MiniMax's
+decay; its default scale is 1/sqrt(D), which MiniMax does not use. fla's own `lightning_attn`
+op uses a different decay convention and must not be used here. Everywhere else a chunked
+pure-torch form; its packed-row path pads documents into a batch (chunk-exact, see `_chunked`)
+instead of looping over documents.
 """
 from __future__ import annotations
 
@@ -24,10 +29,11 @@ from typing import Optional
 
 import torch
 
-try:  # the CUDA kernel is optional (pip extra `gpu`); import errors mean "not available"
+try:  # the CUDA kernels are optional (pip extra `gpu`); import errors mean "not available"
     from fla.ops.simple_gla import chunk_simple_gla as _fla_chunk_simple_gla
+    from fla.ops.simple_gla import fused_recurrent_simple_gla as _fla_fused_recurrent
 except Exception:  # noqa: BLE001 - fla raises various errors without triton / CUDA
-    _fla_chunk_simple_gla = None
+    _fla_chunk_simple_gla = _fla_fused_recurrent = None
 
 __all__ = [
     "lightning_slopes",
@@ -35,6 +41,7 @@ __all__ = [
     "lightning_attention_torch",
     "lightning_attention_recurrent",
     "lightning_step",
+    "lightning_step_",
     "fla_available",
 ]
 
@@ -110,8 +117,27 @@ def lightning_attention_torch(
     if cu_seqlens is None:
         o, final = _chunked(q, k, v, slopes, initial_state, chunk_size)
         return o, (final if output_final_state else None)
-    # Documents are processed one by one: exact state resets, and per-document states
-    # fall out naturally. Packed rows on CPU hold few documents, so the loop is cheap.
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()  # [N]
+    N, T = lengths.numel(), q.shape[1]
+    longest = int(lengths.max())
+    if N * longest > 2 * T + N * chunk_size:
+        # very uneven lengths: padding would mostly compute zeros; go document by document
+        return _per_document(q, k, v, slopes, cu_seqlens, initial_state, output_final_state, chunk_size)
+    # Documents become rows of a right-padded batch; `_chunked` stops each row's state at
+    # its own length, so padding neither decays the state nor leaks into the next document.
+    doc = torch.repeat_interleave(torch.arange(N, device=q.device), lengths)  # [T]
+    pos = torch.arange(T, device=q.device) - cu_seqlens.long()[doc]  # [T] position in document
+
+    def to_rows(x: torch.Tensor) -> torch.Tensor:  # [1, T, H, D] -> [N, longest, H, D]
+        rows = x.new_zeros(N, longest, *x.shape[2:])
+        return rows.index_put((doc, pos), x[0])
+
+    o_rows, final = _chunked(to_rows(q), to_rows(k), to_rows(v), slopes, initial_state, chunk_size, lengths)
+    return o_rows[doc, pos][None], (final if output_final_state else None)
+
+
+def _per_document(q, k, v, slopes, cu_seqlens, initial_state, output_final_state, chunk_size):
+    """Packed row, one `_chunked` call per document (exact; slow for many short documents)."""
     bounds = cu_seqlens.tolist()
     outs, finals = [], []
     for n in range(len(bounds) - 1):
@@ -131,15 +157,21 @@ def _chunked(
     slopes: torch.Tensor,
     initial_state: Optional[torch.Tensor],
     chunk_size: int,
+    lengths: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One sequence per batch row. Returns (o `[B, T, H, D]`, final state fp32 `[B, H, D, D]`).
+
+    lengths: long `[B]`, valid tokens of each row (the rest is zero padding on the right;
+    None = all T). Outputs at padded positions are meaningless; final states are taken at
+    each row's own length.
 
     Within a chunk of length L (positions i, j = 0..L-1) the output is
         o_i = sum_{j<=i} exp(-s (i-j)) (q_i . k_j) v_j  +  exp(-s (i+1)) q_i S_prev
     and the state after the chunk is
         S = exp(-s L) S_prev + sum_j exp(-s (L-1-j)) k_j^T v_j.
-    The masked products run for all chunks at once; only the state recurrence over chunks
-    is sequential.
+    L is per (row, chunk): C, less in a row's last chunk, 0 after it (the state then
+    passes unchanged). The masked products run for all chunks at once; only the state
+    recurrence over chunks is sequential.
     """
     B, T, H, D = q.shape
     out_dtype = v.dtype
@@ -152,7 +184,7 @@ def _chunked(
         x = x.to(cdt).transpose(1, 2)
         if pad:
             x = torch.nn.functional.pad(x, (0, 0, 0, pad))
-        return x.reshape(B, H, n, C, D)
+        return x.reshape(B, H, n, C, x.shape[-1])
 
     qc, kc, vc = to_chunks(q), to_chunks(k), to_chunks(v)
     s = slopes.to(device=q.device, dtype=cdt)  # [H]
@@ -165,29 +197,30 @@ def _chunked(
     scores = qc @ kc.transpose(-1, -2)  # [B, H, n, C, C]
     o = (scores * decay[:, None]) @ vc  # [B, H, n, C, D]
 
-    # chunk lengths: all C except a shorter last one (padding must not decay the state)
-    lengths = torch.full((n,), C, device=q.device, dtype=cdt)
-    lengths[-1] = C - pad
-    key_exp = lengths[:, None] - 1 - pos[None, :]  # [n, C]; negative only at padding
-    key_decay = torch.exp(-s[:, None, None] * key_exp.clamp(min=0)) * (key_exp >= 0)  # [H, n, C]
-    kv = (kc * key_decay[None, ..., None]).transpose(-1, -2) @ vc  # [B, H, n, D, D]
-    block_decay = torch.exp(-s[:, None] * lengths[None, :])  # [H, n]
+    # valid tokens per (row, chunk): padding must not decay the state
+    valid = torch.full((B,), T, device=q.device, dtype=torch.long) if lengths is None else lengths.to(q.device)
+    starts = torch.arange(n, device=q.device) * C
+    chunk_len = (valid[:, None] - starts[None, :]).clamp(0, C).to(cdt)  # [B, n]
+    key_exp = chunk_len[..., None] - 1 - pos  # [B, n, C]; negative only at padding
+    key_decay = torch.exp(-s[None, :, None, None] * key_exp[:, None].clamp(min=0)) * (key_exp[:, None] >= 0)  # [B, H, n, C]
+    kv = (kc * key_decay[..., None]).transpose(-1, -2) @ vc  # [B, H, n, D, D]
+    block_decay = torch.exp(-s[None, :, None] * chunk_len[:, None, :])  # [B, H, n]
 
     state = (
-        torch.zeros(B, H, D, D, device=q.device, dtype=cdt)
+        torch.zeros(B, H, D, vc.shape[-1], device=q.device, dtype=cdt)
         if initial_state is None
         else initial_state.to(cdt)
     )
     before = []
     for c in range(n):
         before.append(state)
-        state = block_decay[None, :, c, None, None] * state + kv[:, :, c]
+        state = block_decay[:, :, c, None, None] * state + kv[:, :, c]
     states_before = torch.stack(before, dim=2)  # [B, H, n, D, D]
 
     query_decay = torch.exp(-s[:, None] * (pos[None, :] + 1))  # [H, C]
     o = o + (qc * query_decay[None, :, None, :, None]) @ states_before
 
-    o = o.reshape(B, H, n * C, D)[:, :, :T].transpose(1, 2)
+    o = o.reshape(B, H, n * C, -1)[:, :, :T].transpose(1, 2)
     return o.to(out_dtype), state  # state stays fp32 (fp64 for fp64 inputs)
 
 
@@ -228,6 +261,31 @@ def lightning_step(
     state = ratio * state + k.to(sd).unsqueeze(-1) * v.to(sd).unsqueeze(-2)
     o = (q.to(sd).unsqueeze(-2) @ state).squeeze(-2)
     return o.to(v.dtype), state
+
+
+def lightning_step_(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor, state: torch.Tensor
+) -> torch.Tensor:
+    """One decoding step that updates `state` in place (the decode cache's own tensor).
+
+    q, k, v `[n, H, D]`; state fp32 `[n, H, D, D]` (contiguous). Returns o `[n, H, D]` in v's dtype.
+    Same math as `lightning_step`; on CUDA with fla, its fused recurrent kernel (one read
+    and one write of the state) plus a copy back, else decay, rank-1 update and readout as
+    three batched calls (two in place) with no temporaries of the state's size.
+    """
+    n, H, D, E = state.shape
+    if state.is_cuda and _fla_fused_recurrent is not None:
+        o, final = _fla_fused_recurrent(
+            q[:, None], k[:, None], v[:, None],
+            g_gamma=-slopes.float(), scale=1.0, initial_state=state, output_final_state=True,
+        )
+        state.copy_(final)
+        return o[:, 0].to(v.dtype)
+    sd = state.dtype
+    state.mul_(torch.exp(-slopes.to(device=state.device, dtype=sd))[None, :, None, None])
+    state.addcmul_(k.to(sd).unsqueeze(-1), v.to(sd).unsqueeze(-2))  # + k^T v (faster than a K=1 GEMM)
+    o = torch.bmm(q.to(sd).reshape(n * H, 1, D), state.view(n * H, D, E))  # [n*H, 1, E]
+    return o.view(n, H, E).to(v.dtype)
 
 
 def _check_inputs(q, k, v, slopes, cu_seqlens, initial_state) -> None:
