@@ -152,8 +152,12 @@ class Learner:
             eng.backward(loss * self.dist.world_size, scale_wrt_gas=False)
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
+        # ZeRO >= 1 reports the (pre-clipping) norm from its optimizer; plain fp32 DeepSpeed
+        # (stage 0) does not track it, so it is read off the gradients before the step.
+        grad_norm = _grad_norm(eng.module) if eng.zero_optimization_stage() == 0 else None
         eng.step()
-        grad_norm = eng.get_global_grad_norm()  # computed by the step (before clipping)
+        if grad_norm is None:
+            grad_norm = eng.get_global_grad_norm()
         self.step += 1
         out = _all_reduce_sum(totals)
         out["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
@@ -222,6 +226,11 @@ def _all_reduce_sum(metrics: dict[str, float]) -> dict[str, float]:
     t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
     tdist.all_reduce(t)
     return {k: float(v) for k, v in zip(keys, t.tolist())}
+
+
+def _grad_norm(module: torch.nn.Module) -> float:
+    grads = [p.grad.detach().float() for p in module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
