@@ -102,9 +102,31 @@ def prefill(model: HybridForCausalLM, input_ids: torch.Tensor) -> tuple[torch.Te
 
 @torch.no_grad()
 def prefill_many(
+    model: HybridForCausalLM, prompts: Sequence[torch.Tensor | list[int]], *, max_tokens: int = 65536
+) -> tuple[torch.Tensor, list[SlotState]]:
+    """Prefill N prompts. Returns (next-token logits fp32 `[N, V]`, one SlotState per prompt).
+
+    Prompts go in consecutive groups of at most `max_tokens` tokens (a longer prompt alone),
+    so activation memory stays bounded however many long prompts arrive at once.
+    """
+    groups: list[list[torch.Tensor | list[int]]] = [[]]
+    size = 0
+    for p in prompts:
+        n = len(p)
+        if groups[-1] and size + n > max_tokens:
+            groups.append([])
+            size = 0
+        groups[-1].append(p)
+        size += n
+    results = [_prefill_group(model, g) for g in groups]
+    logits = torch.cat([r[0] for r in results]) if len(results) > 1 else results[0][0]
+    return logits, [s for r in results for s in r[1]]
+
+
+def _prefill_group(
     model: HybridForCausalLM, prompts: Sequence[torch.Tensor | list[int]]
 ) -> tuple[torch.Tensor, list[SlotState]]:
-    """Prefill N prompts in one forward. Returns (next-token logits fp32 `[N, V]`, one SlotState per prompt).
+    """One forward for N prompts. Returns (next-token logits fp32 `[N, V]`, SlotStates).
 
     Prompts of similar length run as one left-padded batch `[N, longest]`: lightning layers
     see zeroed q, k, v on the padding, so their state stays exactly zero until the prompt

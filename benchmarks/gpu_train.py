@@ -1,0 +1,122 @@
+"""Training throughput and peak memory on one GPU: `small-hybrid` (2 blocks of 7 lightning +
+1 softmax layer, ~250M params) vs a softmax-only model of the same shape; then the longest
+sequence for which one training step of the hybrid model fits.
+
+One optimizer step = forward_hidden + chunked token_logprobs (fp32 LM head) + router aux loss,
+backward, torch AdamW (betas 0.9/0.95, eps 1e-15), on one sequence of T tokens. Parameters,
+activations and AdamW moments in bf16 (no fp32 master copy: DeepSpeed's bf16 mode adds
+12 bytes/param, 3 GB here); lightning states fp32 in fla's kernels; gradient checkpointing
+on every layer. In process: no Ray, no DeepSpeed.
+
+    python3 benchmarks/gpu_train.py             # 8K/32K/128K both models, then the max length
+    python3 benchmarks/gpu_train.py --smoke     # CPU, tiny-hybrid: checks the script only
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from gpu_common import Budget, device_info, free, is_oom, peak_gib, print_table, save_json, time_ms
+from posttrain.models import HybridForCausalLM, forward_hidden, preset_config, set_gradient_checkpointing, token_logprobs
+from posttrain.models.hybrid import FULL
+
+
+def build(preset: str, softmax_only: bool, device, dtype) -> HybridForCausalLM:
+    config = preset_config(preset)
+    if softmax_only:
+        config.layer_types = [FULL] * config.num_hidden_layers
+    torch.manual_seed(0)
+    model = HybridForCausalLM(config).to(device=device, dtype=dtype)
+    set_gradient_checkpointing(model, True)
+    return model.train()
+
+
+def train_step(model, opt, ids: torch.Tensor) -> None:
+    hidden, aux = forward_hidden(model, ids[:, :-1])
+    lp = token_logprobs(model, hidden, ids[:, 1:], chunk_size=4096)
+    loss = -lp.mean() + aux
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def measure(model, T: int, device, reps: int):
+    """(tokens/s, peak GiB) or ("OOM" / error, None)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), eps=1e-15)
+    ids = torch.randint(0, model.config.vocab_size, (1, T + 1), device=device)
+    free(device)
+    try:
+        ms = time_ms(lambda: train_step(model, opt, ids), device, warmup=1, reps=reps)
+        return T / (ms / 1e3), peak_gib(device)
+    except Exception as err:  # noqa: BLE001
+        model.zero_grad(set_to_none=True)
+        del opt
+        free(device)
+        if is_oom(err):
+            return "OOM", None
+        return f"error: {type(err).__name__}: {str(err)[:100]}", None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072])
+    ap.add_argument("--max-lengths", type=int, nargs="+", default=[1048576, 786432, 524288, 262144],
+                    help="hybrid only, tried in order until one fits")
+    ap.add_argument("--budget", type=float, default=200.0, help="seconds for the whole script")
+    ap.add_argument("--smoke", action="store_true")
+    args = ap.parse_args()
+    if args.smoke:
+        device, dtype, preset = torch.device("cpu"), torch.float32, "tiny-hybrid"
+        args.lengths, args.max_lengths = [128, 256], [1024, 512]
+    else:
+        device, dtype, preset = torch.device("cuda"), torch.bfloat16, "small-hybrid"
+    budget = Budget(args.budget)
+    results, rows = [], {}
+    for softmax_only in (False, True):
+        model = build(preset, softmax_only, device, dtype)
+        n_params = sum(p.numel() for p in model.parameters())
+        name = "softmax-only" if softmax_only else "hybrid"
+        for T in args.lengths:
+            if budget.left() < 0:
+                res = ("skipped (time budget)", None)
+            else:
+                res = measure(model, T, device, reps=3 if T <= 32768 else 2)
+            results.append({"model": name, "params": n_params, "T": T, "tokens_per_s": res[0], "peak_gib": res[1]})
+            rows.setdefault(T, {})[name] = res
+            print(results[-1], flush=True)
+        del model
+        free(device)
+    longest = None
+    model = build(preset, False, device, dtype)
+    for T in args.max_lengths:
+        if budget.left() < 0:
+            results.append({"model": "hybrid", "T": T, "max_search": "skipped (time budget)"})
+            break
+        res = measure(model, T, device, reps=1)
+        results.append({"model": "hybrid", "T": T, "max_search": True, "tokens_per_s": res[0], "peak_gib": res[1]})
+        print(results[-1], flush=True)
+        if isinstance(res[0], float):
+            longest = (T, res)
+            break
+    info = device_info(device) | {"preset": preset, "dtype": str(dtype), "params": n_params}
+    save_json("gpu_train.json", {"info": info, "results": results, "longest_hybrid_step": longest})
+    table = []
+    for T, r in rows.items():
+        h, s = r.get("hybrid", (None, None)), r.get("softmax-only", (None, None))
+        ratio = f"{h[0] / s[0]:.2f}x" if isinstance(h[0], float) and isinstance(s[0], float) else "-"
+        table.append([T, h[0], h[1], s[0], s[1], ratio])
+    print_table(
+        f"Training step of {preset} ({n_params / 1e6:.0f}M params) on {info.get('gpu', 'cpu')}: tokens/s and peak GiB",
+        ["T", "hybrid tok/s", "hybrid peak GiB", "softmax tok/s", "softmax peak GiB", "hybrid / softmax"],
+        table,
+    )
+    if longest:
+        print(f"\nlongest hybrid training step that fit: T={longest[0]:,} tokens, "
+              f"{longest[1][0]:,.0f} tok/s, peak {longest[1][1]} GiB")
+    else:
+        print(f"\nno hybrid training step fit among {args.max_lengths}")
+
+
+if __name__ == "__main__":
+    main()
