@@ -211,10 +211,12 @@ def _chunked(
         if initial_state is None
         else initial_state.to(cdt)
     )
+    # unbind once: indexing kv[:, :, c] inside the loop makes autograd materialise a full-size
+    # zero gradient of kv per chunk (select backward), O(n^2) work that dominated long rows
     before = []
-    for c in range(n):
+    for decay_c, kv_c in zip(block_decay.unbind(2), kv.unbind(2)):
         before.append(state)
-        state = block_decay[:, :, c, None, None] * state + kv[:, :, c]
+        state = decay_c[..., None, None] * state + kv_c
     states_before = torch.stack(before, dim=2)  # [B, H, n, D, D]
 
     query_decay = torch.exp(-s[:, None] * (pos[None, :] + 1))  # [H, C]
