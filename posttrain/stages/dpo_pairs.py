@@ -121,18 +121,29 @@ def _plain_prompt(prompt: Any) -> Any:
     return prompt if isinstance(prompt, str) else [{"role": m.role, "content": m.content} for m in prompt]
 
 
+def _shown(text: str) -> str:
+    # The preference format rejects blank responses; an immediate <|end|> or a whitespace-only
+    # sample is still a valid pair (its ids are what is trained), so show it quoted.
+    return text if text.strip() else repr(text)
+
+
 def build_pair_rows(records: Sequence[Any], prompt_ids: Sequence[list[int]], completions: Sequence[list[int]],
-                    texts: Sequence[str], rewards: Sequence[float], n: int) -> list[dict[str, Any]]:
-    """Preference rows (best vs worst of each prompt's `n` samples; prompt-major inputs)."""
+                    texts: Sequence[str], rewards: Sequence[float], n: int,
+                    exclude_ids: Sequence[int] = ()) -> list[dict[str, Any]]:
+    """Preference rows (best vs worst of each prompt's `n` samples; prompt-major inputs).
+    `texts`: the completions as decoded for display (the ids are what is trained). Samples
+    containing any of `exclude_ids` take no part (the pad token: its all-zero embedding gives
+    NaN gradients once it sits inside a sequence, which an untrained policy does sample)."""
     rows = []
+    banned = set(exclude_ids)
     for i, rec in enumerate(records):
-        group = slice(i * n, (i + 1) * n)
-        picked = select_pair(rewards[group])
+        usable = [i * n + j for j in range(n) if not banned.intersection(completions[i * n + j])]
+        picked = select_pair([rewards[k] for k in usable]) if usable else None
         if picked is None:
             continue
-        b, w = (i * n + j for j in picked)
+        b, w = (usable[j] for j in picked)
         rows.append({
-            "prompt": _plain_prompt(rec.prompt), "chosen": texts[b], "rejected": texts[w],
+            "prompt": _plain_prompt(rec.prompt), "chosen": _shown(texts[b]), "rejected": _shown(texts[w]),
             "answer": rec.answer, "prompt_index": i, "chosen_reward": rewards[b], "rejected_reward": rewards[w],
             "prompt_ids": list(prompt_ids[i]), "chosen_ids": list(completions[b]),
             "rejected_ids": list(completions[w]),
@@ -150,13 +161,14 @@ def generate_pair_rows(learners: Any, tokenizer: Any, records: Sequence[Any], cf
     params = SamplingParams(n=cfg.num_samples, temperature=cfg.temperature, top_p=cfg.top_p,
                             max_new_tokens=cfg.max_new_tokens, stop_token_ids=(tokenizer.eos_token_id,), seed=seed)
     completions = learners.call_rank0(sample_completions, prompt_ids, params, max_slots=cfg.max_slots)
-    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in completions]
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in completions]  # as rewards see them
     k = cfg.num_samples
     refs = [r.answer for r in records for _ in range(k)]
     metas = [dict(r.meta) for r in records for _ in range(k)]
     runner = RewardRunner(RewardConfig(fn=cfg.reward, num_workers=8))
     rewards, reward_metrics = runner.score(texts, refs, metas)
-    rows = build_pair_rows(records, prompt_ids, completions, texts, rewards, k)
+    shown = [tokenizer.decode(ids, skip_special_tokens=False) for ids in completions]
+    rows = build_pair_rows(records, prompt_ids, completions, shown, rewards, k, exclude_ids=[tokenizer.pad_token_id])
     stats = {"prompts": float(len(records)), "pairs": float(len(rows)),
              "dropped_equal": float(len(records) - len(rows)), **reward_metrics}
     return rows, stats

@@ -50,6 +50,11 @@ def test_pair_rows_drop_equal_groups_and_keep_sampled_ids():
     r = rows[0]
     assert (r["chosen_ids"], r["rejected_ids"], r["prompt_ids"]) == ([7], [5, 6], [1, 2])
     assert (r["chosen"], r["rejected"], r["chosen_reward"], r["rejected_reward"]) == ("b", "a", 1.0, 0.0)
+    rows = build_pair_rows(recs[:1], [[1, 2]], [[5], [7]], ["", " "], [0.0, 1.0], n=2)
+    assert (rows[0]["chosen"], rows[0]["rejected"]) == ("' '", "''")  # blank samples still make valid rows
+    rows = build_pair_rows(recs[:1], [[1, 2]], [[5, 0], [7], [8]], ["x", "y", "z"], [9.0, 1.0, 0.0], n=3,
+                           exclude_ids=[0])
+    assert (rows[0]["chosen_ids"], rows[0]["rejected_ids"]) == ([7], [8])  # the sample with a pad id is out
 
 
 class InProcessLearners:
@@ -86,7 +91,8 @@ def test_generated_pairs_are_token_exact_and_reload_as_preference_data(tok, task
     assert len(rows) >= 6
     for r in rows:
         assert r["chosen_reward"] > r["rejected_reward"]
-        assert tok.decode(r["chosen_ids"], skip_special_tokens=True) == r["chosen"]
+        shown = tok.decode(r["chosen_ids"], skip_special_tokens=False)
+        assert r["chosen"] == (shown if shown.strip() else repr(shown))
         assert len(r["chosen_ids"]) <= 6 and r["prompt_ids"] == tok.encode(
             tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False,
                                     add_generation_prompt=True), add_special_tokens=False)
