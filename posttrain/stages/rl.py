@@ -19,6 +19,7 @@ version, and the generation is retried once (posttrain.cluster.RolloutWorkerLost
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import time
 from contextlib import contextmanager
@@ -308,7 +309,13 @@ def learn(ctx: StageContext, cfg: RLStageConfig, learners: Any, reference: Any, 
         norms = {"num_tokens": num_tokens}
         if cfg.loss.kind == "grpo":  # seq_mean / fixed_len divide by the step's sequence count
             norms["num_sequences"] = float(sum(len(b.advantages) for b in batches))
-        per_update.append(learners.train_step(objective, plan, **norms, **knobs))
+        m = learners.train_step(objective, plan, **norms, **knobs)
+        if not (math.isfinite(m["loss"]) and math.isfinite(m.get("grad_norm", 0.0))):
+            # fp32 DeepSpeed applies the step anyway: the weights are now corrupt. Stop before a
+            # sync spreads them; the newest state under <stage>/state/ is intact (--resume).
+            raise RuntimeError(f"{cfg.name}: step {step + 1}: non-finite loss {m['loss']} / grad norm "
+                               f"{m.get('grad_norm')}; resume from the last checkpoint (checkpoint.every)")
+        per_update.append(m)
     for k in sorted({k for m in per_update for k in m}):
         vals = [m[k] for m in per_update if k in m]
         out[k] = sum(vals) / len(vals)
