@@ -66,9 +66,11 @@ def run_dpo(ctx: StageContext, cfg: DPOStageConfig, learners: Any) -> dict[str, 
     last: dict[str, Any] = {}
     with stage_progress(ctx.console, cfg.name, cfg.steps, start) as bar:
         for step in range(start, cfg.steps):
-            chosen = [train_pairs[i] for i in batch_indices(len(train_pairs), cfg.batch.global_size, step, ctx.seed)]
-            micro = [[collate_pairs(mb, pad_id) for mb in rank] for rank in shard(chosen, world, cfg.batch.micro_size)]
-            last = learners.train_step(dpo_objective, micro, num_pairs=len(chosen), **knobs)
+            idx = batch_indices(len(train_pairs), cfg.batch.global_size, step, ctx.seed)
+            step_pairs = [train_pairs[i] for i in idx]
+            micro = [[collate_pairs(mb, pad_id) for mb in rank]
+                     for rank in shard(step_pairs, world, cfg.batch.micro_size)]
+            last = learners.train_step(dpo_objective, micro, num_pairs=len(step_pairs), **knobs)
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
                 ctx.logger.log(cfg.name, "train", step + 1, last)
             bar.advance(loss=last["loss"], acc=last["rewards/accuracies"])
