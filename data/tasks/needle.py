@@ -10,6 +10,12 @@ question). Two kinds of filler:
 
 Example (kv):   "qmzt=5180\\nable=9921\\n...\\nQ: able"   completion / answer: "9921"
 
+Difficulty knobs: `key_chars` (letters per key, default 4) and `value_digits` (digits per value,
+default 4; 1 = a single digit 0-9). A tiny model learns the easy setting `key_chars=2,
+value_digits=1` quickly (one digit to copy, a two-letter key to match) while the default 4-digit
+values need position-by-position copying. With the kv filler every key of a context is
+distinct, so `26 ** key_chars` must exceed the number of lines of the longest context.
+
 Lengths are counted in tokens of `tokenizer` (encoding each line separately, so exact for
 the char tokenizer and within a few tokens for BPE) or, without a tokenizer, in characters
 (= tokens of the char tokenizer). The chat template adds a few marker tokens on top. Each row
@@ -43,12 +49,12 @@ _WORDS = (
 ).split()
 
 
-def _key(rng: random.Random) -> str:
-    return "".join(rng.choices(string.ascii_lowercase, k=4))
+def _key(rng: random.Random, chars: int = 4) -> str:
+    return "".join(rng.choices(string.ascii_lowercase, k=chars))
 
 
-def _value(rng: random.Random) -> str:
-    return str(rng.randint(1000, 9999))
+def _value(rng: random.Random, digits: int = 4) -> str:
+    return str(rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10**digits - 1))
 
 
 def _sentence(rng: random.Random) -> str:
@@ -62,9 +68,11 @@ def make_example(
     *,
     filler: str = "kv",
     count: Callable[[str], int] = len,
+    key_chars: int = 4,
+    value_digits: int = 4,
 ) -> tuple[str, str, int]:
     """One (prompt, answer, n_tokens) with the needle at `depth` in ~`length` tokens."""
-    key, answer = _key(rng), _value(rng)
+    key, answer = _key(rng, key_chars), _value(rng, value_digits)
     needle = f"{key}={answer}\n"
     question = f"Q: {key}"
     used = {key}
@@ -72,10 +80,12 @@ def make_example(
     lines: list[str] = []
     while True:
         if filler == "kv":
-            k = _key(rng)
+            if len(used) == 26**key_chars:  # write() rules this out; never loop forever
+                break
+            k = _key(rng, key_chars)
             if k in used:
                 continue
-            line = f"{k}={_value(rng)}\n"
+            line = f"{k}={_value(rng, value_digits)}\n"
         else:
             line = _sentence(rng)
         n = count(line)
@@ -90,10 +100,10 @@ def make_example(
     return prompt, answer, length - budget
 
 
-def _rows(rng: random.Random, cells: Sequence[tuple[int, float]], filler: str, count) -> list[dict]:
+def _rows(rng: random.Random, cells: Sequence[tuple[int, float]], count, **knobs) -> list[dict]:
     rows = []
     for length, depth in cells:
-        prompt, answer, n_tokens = make_example(rng, length, depth, filler=filler, count=count)
+        prompt, answer, n_tokens = make_example(rng, length, depth, count=count, **knobs)
         rows.append({"prompt": prompt, "answer": answer, "length": length, "depth": depth, "n_tokens": n_tokens})
     return rows
 
@@ -113,6 +123,8 @@ def write(
     filler: str = "kv",
     tokenizer=None,
     n_rl_train: int | None = None,
+    key_chars: int = 4,
+    value_digits: int = 4,
 ) -> dict[str, Path]:
     """Write the needle datasets into out_dir; returns {name: path} (see module docstring)."""
     if filler not in FILLERS:
@@ -121,6 +133,12 @@ def write(
         raise ValueError(f"needle lengths must be non-empty and >= 32 tokens, got {list(lengths)}")
     if not depths or not all(0.0 <= d <= 1.0 for d in depths):
         raise ValueError(f"needle depths must be fractions in [0, 1], got {list(depths)}")
+    if not 1 <= key_chars <= 8 or not 1 <= value_digits <= 9:
+        raise ValueError(f"needle key_chars must be in [1, 8] and value_digits in [1, 9], got {key_chars}, {value_digits}")
+    max_lines = max(lengths) // (key_chars + value_digits + 2) + 1  # "key=value\n" is >= 1 token per char
+    if filler == "kv" and tokenizer is None and max_lines > 26**key_chars:
+        raise ValueError(f"needle filler 'kv': a {max(lengths)}-token context has up to {max_lines} lines but "
+                         f"key_chars={key_chars} gives only {26**key_chars} distinct keys; raise key_chars")
     count = len if tokenizer is None else (lambda s: len(tokenizer.encode(s, add_special_tokens=False)))
     n_rl_train = n_train if n_rl_train is None else n_rl_train
 
@@ -132,13 +150,15 @@ def write(
 
     grid = [(L, float(d)) for L in lengths for d in depths for _ in range(n_eval_per_cell)]
     r_sft, r_rl = rng("sft_train"), rng("rl_train")
-    sft_train = _rows(r_sft, train_cells(r_sft, n_train), filler, count)
-    rl_train = _rows(r_rl, train_cells(r_rl, n_rl_train), filler, count)
-    eval_rows = _rows(rng("eval"), grid, filler, count)
+    knobs = dict(filler=filler, key_chars=key_chars, value_digits=value_digits)
+    sft_train = _rows(r_sft, train_cells(r_sft, n_train), count, **knobs)
+    rl_train = _rows(r_rl, train_cells(r_rl, n_rl_train), count, **knobs)
+    eval_rows = _rows(rng("eval"), grid, count, **knobs)
 
     out = Path(out_dir)
     params = dict(task=NAME, n_train=n_train, n_eval_per_cell=n_eval_per_cell, seed=seed, lengths=list(lengths),
                   depths=[float(d) for d in depths], filler=filler, n_rl_train=n_rl_train,
+                  key_chars=key_chars, value_digits=value_digits,
                   length_unit="characters" if tokenizer is None else f"tokens of {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__}")
     return {
         "sft_train": write_jsonl_atomic(out / "sft_train.jsonl", _as_sft(sft_train)),

@@ -122,3 +122,47 @@ def test_needle_deterministic(tmp_path):
     a, b = needle.write(tmp_path / "a", **kw), needle.write(tmp_path / "b", **kw)
     assert read_bytes(a) == read_bytes(b)
     assert read_bytes(needle.write(tmp_path / "c", **{**kw, "seed": 6}))["rl_eval"] != read_bytes(a)["rl_eval"]
+
+
+@pytest.mark.parametrize("filler", ["kv", "text"])
+def test_needle_short_keys_and_values(tmp_path, filler):
+    # the easy setting for tiny models: 2-letter keys, one-digit values (0-9)
+    files = needle.write(tmp_path, n_train=40, n_eval_per_cell=6, lengths=(128, 512), depths=(0.0, 1.0),
+                         filler=filler, key_chars=2, value_digits=1)
+    rows = load_records(files["rl_eval"], "rl").records + load_records(files["rl_train"], "rl").records
+    answers = set()
+    for r in rows:
+        lines, key = context_lines(r.prompt)
+        pairs = [ln.split("=") for ln in lines if "=" in ln]
+        keys = [k for k, _ in pairs]
+        assert len(key) == 2 and key.isalpha() and len(r.answer) == 1 and r.answer.isdigit()
+        assert len(set(keys)) == len(keys) and dict(pairs)[key] == r.answer  # unambiguous lookup
+        if filler == "kv":
+            assert len(pairs) == len(lines) and all(len(k) == 2 and len(v) == 1 for k, v in pairs)
+        else:
+            assert pairs == [[key, r.answer]]
+        slack = 6 if filler == "kv" else 60  # at most one filler line short of the length
+        assert r.meta["length"] - slack < r.meta["n_tokens"] <= r.meta["length"]
+        answers.add(r.answer)
+    assert answers == set("0123456789")  # 0 is a value too
+    task = json.loads(files["task"].read_text())
+    assert (task["key_chars"], task["value_digits"]) == (2, 1)
+
+
+def test_needle_defaults_unchanged_by_knobs(tmp_path):
+    kw = dict(n_train=10, n_eval_per_cell=2, lengths=(96,), seed=2)
+    default = read_bytes(needle.write(tmp_path / "a", **kw))
+    explicit = read_bytes(needle.write(tmp_path / "b", **kw, key_chars=4, value_digits=4))
+    assert default == explicit
+    for r in load_records(tmp_path / "a" / "rl_eval.jsonl", "rl").records:
+        assert len(r.answer) == 4 and len(context_lines(r.prompt)[1]) == 4
+
+
+def test_needle_rejects_too_few_distinct_keys(tmp_path):
+    # one-letter keys: 26 distinct keys cannot fill a 512-token kv context without repeats
+    with pytest.raises(ValueError, match="key_chars=1 gives only 26 distinct keys"):
+        needle.write(tmp_path, lengths=(512,), filler="kv", key_chars=1, value_digits=1)
+    with pytest.raises(ValueError, match="value_digits"):
+        needle.write(tmp_path, lengths=(64,), value_digits=0)
+    files = needle.write(tmp_path, n_train=4, n_eval_per_cell=1, lengths=(512,), filler="text", key_chars=1, value_digits=1)
+    assert files["task"].is_file()  # the text filler has one key only
