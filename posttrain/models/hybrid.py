@@ -300,7 +300,11 @@ class HybridModel(nn.Module):
                 f"config.layer_types has {len(config.layer_types)} entries, num_hidden_layers={config.num_hidden_layers}"
             )
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        # No padding_idx: its row would start (and stay) exactly zero, and a zero vector through
+        # the first RMSNorm has a Jacobian of 1/sqrt(eps) ~ 300 per norm. A pad token sampled
+        # inside an RL completion then blew gradients up to inf within a few layers. Loading
+        # transformers' checkpoints is unaffected (the row is just a weight).
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
