@@ -29,7 +29,8 @@ Files written by `write`:
     task.json                         the parameters used
 
 Train rows draw `length` from `lengths` and `depth` uniformly from [0, 1] (rounded to 3
-decimals); eval rows cover the grid lengths x depths with `n_eval_per_cell` rows per cell.
+decimals); eval rows cover the grid eval_lengths x depths with `n_eval_per_cell` rows per cell
+(`eval_lengths` defaults to `lengths`; longer ones test length generalisation).
 """
 from __future__ import annotations
 
@@ -125,19 +126,23 @@ def write(
     n_rl_train: int | None = None,
     key_chars: int = 4,
     value_digits: int = 4,
+    eval_lengths: Sequence[int] | None = None,
 ) -> dict[str, Path]:
     """Write the needle datasets into out_dir; returns {name: path} (see module docstring)."""
     if filler not in FILLERS:
         raise ValueError(f"needle filler must be one of {FILLERS}, got {filler!r}")
-    if not lengths or min(lengths) < 32:
-        raise ValueError(f"needle lengths must be non-empty and >= 32 tokens, got {list(lengths)}")
+    eval_lengths = list(lengths if eval_lengths is None else eval_lengths)
+    for name, ls in (("lengths", lengths), ("eval_lengths", eval_lengths)):
+        if not ls or min(ls) < 32:
+            raise ValueError(f"needle {name} must be non-empty and >= 32 tokens, got {list(ls)}")
     if not depths or not all(0.0 <= d <= 1.0 for d in depths):
         raise ValueError(f"needle depths must be fractions in [0, 1], got {list(depths)}")
     if not 1 <= key_chars <= 8 or not 1 <= value_digits <= 9:
         raise ValueError(f"needle key_chars must be in [1, 8] and value_digits in [1, 9], got {key_chars}, {value_digits}")
-    max_lines = max(lengths) // (key_chars + value_digits + 2) + 1  # "key=value\n" is >= 1 token per char
+    longest = max(*lengths, *eval_lengths)
+    max_lines = longest // (key_chars + value_digits + 2) + 1  # "key=value\n" is >= 1 token per char
     if filler == "kv" and tokenizer is None and max_lines > 26**key_chars:
-        raise ValueError(f"needle filler 'kv': a {max(lengths)}-token context has up to {max_lines} lines but "
+        raise ValueError(f"needle filler 'kv': a {longest}-token context has up to {max_lines} lines but "
                          f"key_chars={key_chars} gives only {26**key_chars} distinct keys; raise key_chars")
     count = len if tokenizer is None else (lambda s: len(tokenizer.encode(s, add_special_tokens=False)))
     n_rl_train = n_train if n_rl_train is None else n_rl_train
@@ -148,7 +153,7 @@ def write(
     def train_cells(r: random.Random, n: int) -> list[tuple[int, float]]:
         return [(r.choice(list(lengths)), round(r.random(), 3)) for _ in range(n)]
 
-    grid = [(L, float(d)) for L in lengths for d in depths for _ in range(n_eval_per_cell)]
+    grid = [(L, float(d)) for L in eval_lengths for d in depths for _ in range(n_eval_per_cell)]
     r_sft, r_rl = rng("sft_train"), rng("rl_train")
     knobs = dict(filler=filler, key_chars=key_chars, value_digits=value_digits)
     sft_train = _rows(r_sft, train_cells(r_sft, n_train), count, **knobs)
@@ -158,7 +163,7 @@ def write(
     out = Path(out_dir)
     params = dict(task=NAME, n_train=n_train, n_eval_per_cell=n_eval_per_cell, seed=seed, lengths=list(lengths),
                   depths=[float(d) for d in depths], filler=filler, n_rl_train=n_rl_train,
-                  key_chars=key_chars, value_digits=value_digits,
+                  key_chars=key_chars, value_digits=value_digits, eval_lengths=eval_lengths,
                   length_unit="characters" if tokenizer is None else f"tokens of {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__}")
     return {
         "sft_train": write_jsonl_atomic(out / "sft_train.jsonl", _as_sft(sft_train)),

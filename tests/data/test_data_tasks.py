@@ -166,3 +166,17 @@ def test_needle_rejects_too_few_distinct_keys(tmp_path):
         needle.write(tmp_path, lengths=(64,), value_digits=0)
     files = needle.write(tmp_path, n_train=4, n_eval_per_cell=1, lengths=(512,), filler="text", key_chars=1, value_digits=1)
     assert files["task"].is_file()  # the text filler has one key only
+
+
+def test_needle_eval_lengths_differ_from_train_lengths(tmp_path):
+    # train short, evaluate long (length generalisation); the train split ignores eval_lengths
+    files = needle.write(tmp_path, n_train=30, n_eval_per_cell=2, lengths=(32, 48), eval_lengths=(64, 300),
+                         depths=(0.0, 1.0), filler="text", key_chars=2, value_digits=1)
+    train = load_records(files["sft_train"], "prompt_completion").records
+    ev = load_records(files["rl_eval"], "rl").records
+    assert {r.meta["length"] for r in train} == {32, 48} and all(r.meta["n_tokens"] <= 48 for r in train)
+    assert sorted({(r.meta["length"], r.meta["depth"]) for r in ev}) == [(64, 0.0), (64, 1.0), (300, 0.0), (300, 1.0)]
+    assert max(r.meta["n_tokens"] for r in ev) > 240
+    assert json.loads(files["task"].read_text())["eval_lengths"] == [64, 300]
+    with pytest.raises(ValueError, match="eval_lengths must be non-empty and >= 32"):
+        needle.write(tmp_path, lengths=(64,), eval_lengths=(16,))
