@@ -90,6 +90,39 @@ def run_hf(engine: HFEngine, prompts, params, device):
     return total, marks[1] - marks[0], peak
 
 
+def profile_steps(model, config, device, context: int = 4096) -> None:
+    """Where a native decode step's time goes: host (launches, syncs) vs device kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from posttrain.models.decode import decode_step, prefill_many
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    for B in (1, 64):
+        prompts = torch.randint(3, config.vocab_size, (B, context)).tolist()
+        _, states = prefill_many(model, prompts)
+        cache = DecodeCache(model, num_slots=B, max_len=context + 16)
+        for slot, st in enumerate(states):
+            cache.insert(slot, st)
+        tokens = torch.randint(3, config.vocab_size, (B,), device=device)
+        active = torch.ones(B, dtype=torch.bool, device=device)
+        for _ in range(3):
+            decode_step(model, tokens, cache, active)
+        sync(device)
+        start = time.perf_counter()
+        with profile(activities=acts) as prof:
+            for _ in range(5):
+                decode_step(model, tokens, cache, active)
+            sync(device)
+        wall = (time.perf_counter() - start) / 5 * 1e3
+        events = prof.key_averages()
+        kernels = sum(e.device_time_total for e in events if e.device_type.name == "CUDA") / 5 / 1e3 if device.type == "cuda" else 0
+        launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx")) / 5
+        syncs = sum(e.count for e in events if "Synchronize" in e.key) / 5
+        print(f"\nnative decode_step, batch {B}, context {context}: {wall:.1f} ms/step under the profiler, "
+              f"device kernels {kernels:.2f} ms/step, {launches:.0f} launches/step, {syncs:.0f} syncs/step")
+        print(events.table(sort_by="self_cpu_time_total", row_limit=12))
+
+
 def guarded(fn):
     try:
         return fn()
@@ -106,6 +139,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--budget", type=float, default=240.0)
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="profile native decode steps at batch 1 and 64")
     args = ap.parse_args()
     if args.smoke:
         device, dtype, preset = torch.device("cpu"), torch.float32, "tiny-hybrid"
@@ -130,6 +164,11 @@ def main() -> None:
         for B in args.batches:
             prompts = torch.randint(3, config.vocab_size, (B, C), generator=torch.Generator().manual_seed(B + C)).tolist()
             point = {"context": C, "batch": B, "native_cache_MiB_per_seq": cache_bytes_per_slot(model, C + N) / 2**20}
+            # per-batch warm-up: first use of a shape (cuBLAS heuristics, Triton launch
+            # specialisation, allocator growth) must not land in the 31 timed steps
+            short = [p[:64] for p in prompts]
+            guarded(lambda: NativeEngine(model, num_slots=B).generate(short, SamplingParams(temperature=0.0, max_new_tokens=4)))
+            guarded(lambda: hf.generate(short, SamplingParams(temperature=0.0, max_new_tokens=4)))
             for name, fn in (("native", lambda: run_native(model, prompts, params, device)),
                              ("hf", lambda: run_hf(hf, prompts, params, device))):
                 if budget.left() < 0:
@@ -152,6 +191,8 @@ def main() -> None:
                 point["native_cache_MiB_per_seq"], point.get("hf_peak_MiB_per_seq"),
             ])
             print(point, flush=True)
+    if args.profile:
+        profile_steps(model, config, device)
     info = device_info(device) | {"preset": preset, "dtype": str(dtype), "new_tokens": N}
     save_json("gpu_decode.json", {"info": info, "results": results or rows})
     print_table(

@@ -95,6 +95,7 @@ def main() -> None:
                     ms, mem = run_point(make(f), device, reps)
                     point[key] = ms
                     point[key + " peak GiB"] = mem
+                    print(f"T={T} {key}: {ms} ms, peak {mem} GiB", flush=True)  # progress (autotuning is slow)
         del q, k, v, do
         results.append(point)
         main_name = candidates[0][0]
