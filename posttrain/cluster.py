@@ -51,7 +51,7 @@ class LearnerGroup:
 
         world = cluster.learners
         port = _free_port()
-        threads = max(1, (os.cpu_count() or 1) // world)
+        threads = cluster.torch_threads
         actor_cls = ray.remote(num_cpus=cluster.cpus_per_learner)(Learner)
         self.actors = [
             actor_cls.remote(model_cfg, init_path, token_ids=token_ids, seed=seed,
@@ -175,7 +175,7 @@ class RolloutGroup:
         import ray
 
         n = cluster.rollout_workers
-        threads = max(1, (os.cpu_count() or 1) // n)
+        threads = cluster.torch_threads
         self._cls = ray.remote(num_cpus=cluster.cpus_per_rollout_worker, max_restarts=0)(RolloutHost)
         self._args = (rollout_cfg, model_cfg, init_path)
         self._kwargs = dict(token_ids=token_ids, threads=threads)
