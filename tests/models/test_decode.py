@@ -77,3 +77,22 @@ def test_state_sizes_and_overflow(model):
     decode_step(model, torch.tensor([3, 0]), cache, active)  # fills position 7 (the last)
     with pytest.raises(ValueError, match="max_len"):
         decode_step(model, torch.tensor([3, 0]), cache, active)
+
+
+@pytest.mark.parametrize("max_tokens", [65536, 30])
+def test_prefill_many_left_padded_batch_equals_single_prefills(model, max_tokens):
+    """Similar lengths take the left-padded batch path (max_tokens=30 also splits the prompts
+    into several forwards): logits, lightning states and KV equal one prefill per prompt."""
+    V = model.config.vocab_size
+    prompts = [torch.randint(0, V, (n,), generator=torch.Generator().manual_seed(n)) for n in (20, 23, 17, 23)]
+    logits, states = prefill_many(model, prompts, max_tokens=max_tokens)
+    for p, lg, st in zip(prompts, logits, states):
+        lg1, st1 = prefill(model, p[None])
+        torch.testing.assert_close(lg, lg1, rtol=1e-5, atol=1e-5)
+        assert st.length == p.numel()
+        for i in st1.linear:
+            torch.testing.assert_close(st.linear[i], st1.linear[i], rtol=1e-5, atol=1e-6)
+        for i in st1.kv:
+            assert st.kv[i][0].shape == st1.kv[i][0].shape
+            torch.testing.assert_close(st.kv[i][0], st1.kv[i][0], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(st.kv[i][1], st1.kv[i][1], rtol=1e-5, atol=1e-6)

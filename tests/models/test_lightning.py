@@ -117,3 +117,29 @@ def test_cuda_dispatch_matches_torch_path():
     o_ref, f_ref = lightning_attention_torch(q, k, v, slopes, cu_seqlens=cu, initial_state=s0, output_final_state=True)
     torch.testing.assert_close(o, o_ref, rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(f, f_ref, rtol=2e-3, atol=2e-3)
+
+
+def test_varlen_uneven_lengths_take_the_per_document_path():
+    """One long document among short ones (padding would be mostly zeros): same results."""
+    lengths = [1, 1, 1, 100]
+    q, k, v = _qkv(B=1, T=sum(lengths))
+    slopes = lightning_slopes(3, 1, 4).double()
+    cu = torch.tensor([0, 1, 2, 3, 103], dtype=torch.int32)
+    o, finals = lightning_attention(q, k, v, slopes, cu_seqlens=cu, output_final_state=True, chunk_size=8)
+    for n in range(4):
+        lo, hi = int(cu[n]), int(cu[n + 1])
+        o_ref, f_ref = lightning_attention_recurrent(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], slopes)
+        torch.testing.assert_close(o[:, lo:hi], o_ref, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(finals[n : n + 1], f_ref, rtol=1e-10, atol=1e-10)
+
+
+def test_in_place_step_equals_functional_step():
+    from posttrain.models.lightning import lightning_step, lightning_step_
+
+    q, k, v = (x[:, 0] for x in _qkv(B=3, T=1))
+    slopes = lightning_slopes(3, 0, 4).double()
+    state = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    o_ref, s_ref = lightning_step(q, k, v, slopes, state.clone())
+    o = lightning_step_(q, k, v, slopes, state)  # updates `state`
+    torch.testing.assert_close(o, o_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(state, s_ref, rtol=1e-12, atol=1e-12)
