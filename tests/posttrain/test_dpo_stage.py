@@ -114,7 +114,7 @@ stages:
 """
 
 
-@pytest.mark.slow
+@pytest.mark.recipe
 @pytest.mark.timeout(5400)  # SFT 400 steps + DPO through Ray/DeepSpeed: ~25 min on 2 busy cores
 def test_dpo_after_sft_raises_preference_accuracy_and_keeps_exact_match(tmp_path):
     run_dir = tmp_path / "run"

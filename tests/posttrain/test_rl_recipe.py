@@ -15,7 +15,7 @@ RL_KEYS = {
 }
 
 
-@pytest.mark.slow
+@pytest.mark.recipe
 def test_demo_grpo_and_cispo_each_raise_accuracy(tmp_path):
     run_dir = tmp_path / "demo"
     proc = subprocess.run([sys.executable, "-m", "posttrain.cli", "run", "demo", f"run_dir={run_dir}"],
@@ -23,7 +23,7 @@ def test_demo_grpo_and_cispo_each_raise_accuracy(tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     acc = {s["name"]: s["eval"]["accuracy"] for s in summary["stages"]}
-    assert list(acc) == ["sft", "grpo", "cispo"]
+    assert [n for n in acc if n in ("sft", "grpo", "cispo")] == ["sft", "grpo", "cispo"]
     assert acc["sft"] < acc["grpo"] < acc["cispo"], acc
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     for stage in ("grpo", "cispo"):
