@@ -13,7 +13,7 @@ import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from rich.console import Console
 
@@ -141,6 +141,30 @@ def latest_state(ctx: StageContext) -> Optional[Path]:
         return None
     done = sorted(p for p in ctx.state_root.glob("step-*") if (p / "progress.json").exists())
     return done[-1] if done else None
+
+
+def resume_step(ctx: StageContext, learners: Any, name: str) -> int:
+    """Load the stage's newest resumable state into the (configured) learners, if any, and
+    drop metrics rows logged after it. Returns the number of optimizer steps already done."""
+    start = 0
+    state = latest_state(ctx)
+    if state is not None:
+        start = learners.load_state(str(state))["step"]
+        ctx.console.print(f"[cyan]{name}: resuming from step {start} ({state})[/cyan]")
+    ctx.logger.truncate(name, start + 1)
+    return start
+
+
+def end_of_step(ctx: StageContext, cfg: Any, learners: Any, done: int, metrics: dict[str, Any],
+                evaluate: Callable[[int], Any]) -> None:
+    """After optimizer step `done` (1-based) of a stage: log its metrics, then the periodic
+    eval and resumable state (the final ones are written by the stage's end)."""
+    if done % cfg.log_every == 0 or done == cfg.steps:
+        ctx.logger.log(cfg.name, "train", done, metrics)
+    if cfg.eval.every and done % cfg.eval.every == 0 and done < cfg.steps:
+        evaluate(done)
+    if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < cfg.steps:
+        save_state(ctx, learners, done, cfg.checkpoint)
 
 
 def save_state(ctx: StageContext, learners: Any, step: int, cfg: CheckpointConfig,

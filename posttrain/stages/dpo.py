@@ -24,7 +24,7 @@ from posttrain.data import load_records
 from posttrain.objectives import dpo_objective
 from posttrain.progress import stage_progress
 from posttrain.stages.common import (
-    StageContext, batch_indices, exact_match_eval, finish_stage, latest_state, save_state, shard, task_files,
+    StageContext, batch_indices, exact_match_eval, end_of_step, finish_stage, resume_step, shard, task_files,
 )
 from posttrain.stages.dpo_pairs import (
     Pair, collate_pairs, compute_reference, encode_pairs, fingerprint, generate_pair_rows, with_reference,
@@ -48,12 +48,7 @@ def run_dpo(ctx: StageContext, cfg: DPOStageConfig, learners: Any) -> dict[str, 
     knobs = dict(beta=cfg.loss.beta, loss_type=cfg.loss.loss_type, label_smoothing=cfg.loss.label_smoothing,
                  rpo_alpha=cfg.loss.rpo_alpha, chunk_size=cfg.learner.loss_chunk_size)
 
-    start = 0
-    state = latest_state(ctx)
-    if state is not None:
-        start = learners.load_state(str(state))["step"]
-        ctx.console.print(f"[cyan]{cfg.name}: resuming from step {start} ({state})[/cyan]")
-    ctx.logger.truncate(cfg.name, start + 1)
+    start = resume_step(ctx, learners, cfg.name)
 
     def evaluate(step: int) -> dict[str, Any]:
         metrics = exact_match_eval(ctx, learners, task_records, cfg.data.task, cfg.eval)
@@ -71,13 +66,8 @@ def run_dpo(ctx: StageContext, cfg: DPOStageConfig, learners: Any) -> dict[str, 
             micro = [[collate_pairs(mb, pad_id) for mb in rank]
                      for rank in shard(step_pairs, world, cfg.batch.micro_size)]
             last = learners.train_step(dpo_objective, micro, num_pairs=len(step_pairs), **knobs)
-            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-                ctx.logger.log(cfg.name, "train", step + 1, last)
             bar.advance(loss=last["loss"], acc=last["rewards/accuracies"])
-            if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and step + 1 < cfg.steps:
-                evaluate(step + 1)
-            if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0 and step + 1 < cfg.steps:
-                save_state(ctx, learners, step + 1, cfg.checkpoint)
+            end_of_step(ctx, cfg, learners, step + 1, last, evaluate)
     final = evaluate(cfg.steps)
     return finish_stage(ctx, learners, "dpo", cfg.name, cfg, final, last)
 

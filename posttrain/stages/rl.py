@@ -38,8 +38,8 @@ from posttrain.objectives import RL_OBJECTIVES, RLBatch, recompute_logprobs
 from posttrain.progress import stage_progress
 from posttrain.rollout import Completion, RewardConfig, RewardRunner, RolloutConfig, SamplingParams
 from posttrain.stages.common import (
-    StageContext, batch_indices, exact_match_eval, finish_stage, latest_state, load_split,
-    resolve_data_paths, save_state, shard,
+    StageContext, batch_indices, exact_match_eval, end_of_step, finish_stage, resume_step, load_split,
+    resolve_data_paths, shard,
 )
 
 
@@ -68,12 +68,7 @@ def run_rl(ctx: StageContext, cfg: RLStageConfig, learners: Any) -> dict[str, An
     objective, knobs = RL_OBJECTIVES[cfg.loss.kind], loss_knobs(cfg)
 
     learners.configure(cfg.optim, cfg.schedule, cfg.learner, cfg.steps * cfg.updates_per_batch)
-    start = 0
-    state = latest_state(ctx)
-    if state is not None:
-        start = learners.load_state(str(state))["step"]
-        ctx.console.print(f"[cyan]{cfg.name}: resuming from step {start} ({state})[/cyan]")
-    ctx.logger.truncate(cfg.name, start + 1)
+    start = resume_step(ctx, learners, cfg.name)
 
     engine = cfg.rollout.engine or learners.call_rank0(engine_name)
     rollout_cfg = RolloutConfig(engine=engine, max_slots=cfg.rollout.max_slots,
@@ -110,13 +105,8 @@ def run_rl(ctx: StageContext, cfg: RLStageConfig, learners: Any) -> dict[str, An
                 else:  # every group had equal rewards in every round: nothing to learn from
                     ctx.console.print(f"[yellow]{cfg.name}: step {step + 1}: no informative group, no update[/yellow]")
                 last = {**metrics, **timer.metrics(), "policy_version": float(sync.version)}
-                if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-                    ctx.logger.log(cfg.name, "train", step + 1, last)
                 bar.advance(reward=last["reward/mean"], acc=last["accuracy"])
-                if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and step + 1 < cfg.steps:
-                    evaluate(step + 1)
-                if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0 and step + 1 < cfg.steps:
-                    save_state(ctx, learners, step + 1, cfg.checkpoint)
+                end_of_step(ctx, cfg, learners, step + 1, last, evaluate)
         final = evaluate(cfg.steps) if eval_records else {}
     finally:
         rollouts.shutdown()

@@ -23,8 +23,8 @@ from posttrain.evals import has_cells, needle_eval
 from posttrain.objectives import sft_objective
 from posttrain.progress import stage_progress
 from posttrain.stages.common import (
-    StageContext, batch_indices, exact_match_eval, finish_stage, latest_state, load_split,
-    resolve_data_paths, save_state, shard,
+    StageContext, batch_indices, exact_match_eval, end_of_step, finish_stage, resume_step, load_split,
+    resolve_data_paths, shard,
 )
 
 
@@ -44,12 +44,7 @@ def run_sft(ctx: StageContext, cfg: SFTStageConfig, learners: Any) -> dict[str, 
                          f"micro_size x learners = {cfg.batch.micro_size * world}")
 
     learners.configure(cfg.optim, cfg.schedule, cfg.learner, cfg.steps)
-    start = 0
-    state = latest_state(ctx)
-    if state is not None:
-        start = learners.load_state(str(state))["step"]
-        ctx.console.print(f"[cyan]{cfg.name}: resuming from step {start} ({state})[/cyan]")
-    ctx.logger.truncate(cfg.name, start + 1)
+    start = resume_step(ctx, learners, cfg.name)
 
     def evaluate(step: int) -> dict[str, Any]:
         if has_cells(eval_records):  # long-context retrieval: accuracy per (length, depth)
@@ -70,13 +65,8 @@ def run_sft(ctx: StageContext, cfg: SFTStageConfig, learners: Any) -> dict[str, 
             micro = micro_batches(chosen, world, cfg.batch.micro_size, pad_id)
             last = learners.train_step(sft_objective, micro, num_tokens=num_tokens,
                                        chunk_size=cfg.learner.loss_chunk_size)
-            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-                ctx.logger.log(cfg.name, "train", step + 1, last)
             bar.advance(loss=last["loss"])
-            if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and step + 1 < cfg.steps:
-                evaluate(step + 1)
-            if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0 and step + 1 < cfg.steps:
-                save_state(ctx, learners, step + 1, cfg.checkpoint)
+            end_of_step(ctx, cfg, learners, step + 1, last, evaluate)
     final = evaluate(cfg.steps) if eval_records else {}
     return finish_stage(ctx, learners, "sft", cfg.name, cfg, final, last)
 
