@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 TASK = "{task: arithmetic, task_args: {n_train: 2000, n_eval: 100, max_digits: 2}"
 
@@ -83,35 +84,15 @@ def test_killed_dpo_run_resumes_without_regenerating(tmp_path):
     assert list((run_dir / "plots").glob("dpo_*.png"))
 
 
-DEMO_TASK = "{task: arithmetic, task_args: {n_train: 10000, n_eval: 300, min_digits: 1, max_digits: 2}"
+def demo_sft_dpo(run_dir: Path) -> dict:
+    """recipes/demo.yaml cut after its DPO stage (read, not copied, so the test cannot drift)."""
+    from posttrain.config import recipe_path
 
-# The demo's SFT and DPO stages (recipes/demo.yaml), without the RL stages.
-DEMO_RECIPE = f"""
-name: t
-seed: 0
-model: {{preset: tiny-hybrid}}
-cluster: {{num_cpus: 2}}
-run_dir: {{run_dir}}
-stages:
-  - name: sft
-    kind: sft
-    steps: 400
-    data: {DEMO_TASK}, max_seq_len: 64}}
-    optim: {{lr: 3.0e-3}}
-    schedule: {{kind: cosine, warmup_steps: 20}}
-    batch: {{global_size: 64, micro_size: 64}}
-    eval: {{every: 0, max_new_tokens: 8}}
-  - name: dpo
-    kind: dpo
-    steps: 30
-    data: {DEMO_TASK}, format: rl, max_seq_len: 64}}
-    pairs: {{source: policy, num_samples: 8, max_new_tokens: 8, num_prompts: 300, eval_fraction: 0.2}}
-    loss: {{beta: 0.1, rpo_alpha: 1.0}}
-    optim: {{lr: 1.0e-4}}
-    schedule: {{kind: cosine, warmup_steps: 3}}
-    batch: {{global_size: 32, micro_size: 32}}
-    eval: {{every: 0, max_new_tokens: 8}}
-"""
+    raw = yaml.safe_load(recipe_path("demo").read_text())
+    names = [s["name"] for s in raw["stages"]]
+    raw["stages"] = raw["stages"][: names.index("dpo") + 1]
+    raw["run_dir"] = str(run_dir)
+    return raw
 
 
 @pytest.mark.recipe
@@ -119,7 +100,7 @@ stages:
 def test_dpo_after_sft_raises_preference_accuracy_and_keeps_exact_match(tmp_path):
     run_dir = tmp_path / "run"
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(textwrap.dedent(DEMO_RECIPE.replace("{run_dir}", str(run_dir))))
+    recipe.write_text(yaml.safe_dump(demo_sft_dpo(run_dir), sort_keys=False))
     p = cli("run", str(recipe))
     out, _ = p.communicate(timeout=5400)
     assert p.returncode == 0, out[-3000:]
