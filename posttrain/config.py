@@ -66,6 +66,21 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class MixSource:
+    """Extra supervised data mixed into an sft stage's training examples, e.g. the short-
+    context task kept in a long-context stage so that it is not forgotten (MiniMax-01 mixes
+    short data into its long-context stages). A synthetic `task` (its sft_train file) or a
+    `train` file in `format`; `max_examples` keeps the first N (default: all). The examples
+    are tokenised and packed with the stage's own settings; the stage's eval is unchanged."""
+
+    task: Optional[str] = None
+    task_args: dict[str, Any] = field(default_factory=dict)
+    train: Optional[str] = None
+    format: Literal["prompt_completion", "chat"] = "prompt_completion"
+    max_examples: Optional[int] = None
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """A stage's data: files on disk, or a synthetic task written to the run dir first.
 
@@ -85,6 +100,8 @@ class DataConfig:
     # decreasing); pack_mode "split" cuts longer examples into pieces instead of truncating
     pack: bool = False
     pack_mode: Literal["bfd", "split"] = "bfd"
+    # sft only: more training sources mixed in (see MixSource)
+    mix: list[MixSource] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -464,6 +481,22 @@ def _validate(cfg: RecipeConfig) -> None:
         _validate_stage(st, key)
 
 
+def _validate_mix(src: MixSource, key: str, is_sft: bool) -> None:
+    if not is_sft:
+        raise ConfigError(f"{key}: only sft stages mix data sources")
+    if (src.task is None) == (src.train is None):
+        raise ConfigError(f"{key}: set exactly one of task (a synthetic task) or train (a file)")
+    if src.task is not None:
+        from posttrain.data import TASKS
+
+        if src.task not in TASKS:
+            raise ConfigError(f"{key}.task: unknown task {src.task!r} (known: {', '.join(sorted(TASKS))})")
+    if src.train is not None and not Path(src.train).exists():
+        raise ConfigError(f"{key}.train: file not found: {src.train}")
+    if src.max_examples is not None and src.max_examples <= 0:
+        raise ConfigError(f"{key}.max_examples: must be positive, got {src.max_examples}")
+
+
 def _validate_stage(st: SFTStageConfig, key: str) -> None:
     d = st.data
     if d.task is None and d.train is None:
@@ -479,6 +512,8 @@ def _validate_stage(st: SFTStageConfig, key: str) -> None:
             raise ConfigError(f"{key}.data.{k}: file not found: {p}")
     if st.steps <= 0:
         raise ConfigError(f"{key}.steps: must be positive, got {st.steps}")
+    for j, src in enumerate(d.mix):
+        _validate_mix(src, f"{key}.data.mix[{j}]", isinstance(st, SFTStageConfig))
     if d.pack and not isinstance(st, SFTStageConfig):
         raise ConfigError(f"{key}.data.pack: only sft stages pack their data")
     if d.pack and st.batch.micro_size != 1:

@@ -14,6 +14,7 @@ the number of target tokens of the whole step. Eval rows with `length`/`depth` m
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Sequence, Union
 
 from posttrain.config import DataConfig, SFTStageConfig
@@ -32,7 +33,8 @@ def run_sft(ctx: StageContext, cfg: SFTStageConfig, learners: Any) -> dict[str, 
     train_path, eval_path = resolve_data_paths(ctx, cfg.data, "sft")
     train_records = load_split(train_path, cfg.data, ctx.console)
     eval_records = load_split(eval_path, cfg.data, ctx.console)
-    units = training_units(encode(train_records, ctx.tokenizer, cfg.data), cfg.data)  # examples or packed rows
+    examples = encode(train_records, ctx.tokenizer, cfg.data) + mix_examples(ctx, cfg)
+    units = training_units(examples, cfg.data)  # examples or packed rows
     if cfg.data.pack:
         n_tok = sum(len(r) for r in units)
         ctx.console.print(f"{cfg.name}: packed {len(train_records)} examples into {len(units)} rows "
@@ -82,6 +84,21 @@ def encode(records: Sequence[Any], tokenizer: Any, data: DataConfig) -> list[Exa
     max_len = 2**62 if data.pack and data.pack_mode == "split" else data.max_seq_len
     examples = [encode_sft(r, tokenizer, max_len=max_len) for r in records]
     return [ex for ex in examples if ex.n_trained > 0]
+
+
+def mix_examples(ctx: StageContext, cfg: SFTStageConfig) -> list[Example]:
+    """Tokenised training examples of data.mix's sources (the first max_examples of each),
+    encoded with the stage's own max_seq_len / pack_mode; they join the stage's examples
+    before packing and sampling."""
+    out: list[Example] = []
+    for src in cfg.data.mix:
+        source = dataclasses.replace(cfg.data, task=src.task, task_args=src.task_args, train=src.train,
+                                     eval=None, format=src.format, mix=[])
+        path, _ = resolve_data_paths(ctx, source, "sft")
+        examples = encode(load_split(path, source, ctx.console)[: src.max_examples], ctx.tokenizer, cfg.data)
+        ctx.console.print(f"{cfg.name}: mixing in {len(examples)} examples from {path}")
+        out += examples
+    return out
 
 
 def training_units(examples: list[Example], data: DataConfig) -> list[Unit]:

@@ -12,7 +12,9 @@ import json
 import pytest
 import torch
 
-from posttrain.config import ConfigError, DataConfig, LearnerConfig, ModelConfig, OptimConfig, ScheduleConfig, load_recipe
+from posttrain.config import (
+    ConfigError, DataConfig, LearnerConfig, ModelConfig, OptimConfig, ScheduleConfig, load_recipe, recipe_path,
+)
 from posttrain.data import build_tokenizer, collate, collate_packed, load_records, pack, write_task
 from posttrain.evals import cell_accuracy, has_cells, plot_cells, _per_cell_limit
 from posttrain.models import build_model, load_model
@@ -166,3 +168,68 @@ def test_needle_rows_have_cells_and_limit_keeps_every_cell(needle_records, tmp_p
     cells = cell_accuracy([r.meta["length"] for r in ev], [r.meta["depth"] for r in ev], [i % 2 == 0 for i in range(len(ev))])
     png = plot_cells(cells, tmp_path / "plots" / "x.png", "t")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _stage_ctx(tok, tmp_path, recipe):
+    from rich.console import Console
+
+    from posttrain.stages.common import StageContext
+
+    return StageContext(recipe=recipe, run_dir=tmp_path, stage_dir=tmp_path / "stage", tokenizer=tok,
+                        tokenizer_dir=tmp_path / "tok", init_path=None, logger=None,
+                        console=Console(quiet=True), seed=recipe.seed)
+
+
+def test_data_mix_adds_short_task_examples_to_the_packed_long_stage(tok, tmp_path):
+    from posttrain.stages.sft import mix_examples
+
+    recipe = load_recipe("long_context", ["stages.long_sft.data.task_args.n_train=20"])
+    cfg = recipe.stages[1]
+    assert cfg.data.mix and cfg.data.mix[0].task == "arithmetic"
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+        cfg.data, mix=[dataclasses.replace(cfg.data.mix[0], max_examples=30)]))
+    ctx = _stage_ctx(tok, tmp_path, recipe)
+    extra = mix_examples(ctx, cfg)
+    assert len(extra) == 30
+    texts = [tok.decode(ex.input_ids) for ex in extra]
+    assert all(("+" in t or "-" in t) and "=" in t for t in texts)
+    # the same arithmetic file the short stage trains on (same task arguments -> same folder)
+    arith = load_records(next((tmp_path / "data").glob("arithmetic-*")) / "sft_train.jsonl", "prompt_completion").records
+    assert [ex.input_ids for ex in extra] == [ex.input_ids for ex in encode(arith[:30], tok, cfg.data)]
+    # packed together with the needle rows, every target of both sources is trained once
+    from posttrain.stages.common import load_split, resolve_data_paths
+
+    train_path, _ = resolve_data_paths(ctx, cfg.data, "sft")
+    needle = encode(load_split(train_path, cfg.data, ctx.console), tok, cfg.data)
+    rows = training_units(needle + extra, cfg.data)
+    assert sum(n_targets(r) for r in rows) == sum(n_targets(ex) for ex in needle + extra)
+
+
+@pytest.mark.parametrize("mix, match", [
+    ({"task": "arithmetic", "train": "x.jsonl"}, r"set exactly one of task"),
+    ({"task": "sudoku"}, r"mix\[0\]\.task: unknown task 'sudoku'"),
+    ({"train": "/no/such.jsonl"}, r"mix\[0\]\.train: file not found"),
+    ({"task": "arithmetic", "max_examples": 0}, r"mix\[0\]\.max_examples: must be positive"),
+    ({"task": "arithmetic", "max_exmaples": 3}, r"max_examples"),
+])
+def test_data_mix_errors_name_the_key(tmp_path, mix, match):
+    import yaml
+
+    raw = yaml.safe_load(open(recipe_path("demo")))
+    raw["stages"][0]["data"]["mix"] = [mix]
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=match):
+        load_recipe(str(path))
+
+
+def test_data_mix_only_in_sft_stages(tmp_path):
+    import yaml
+
+    raw = yaml.safe_load(open(recipe_path("demo")))
+    dpo = next(i for i, s in enumerate(raw["stages"]) if s["kind"] == "dpo")
+    raw["stages"][dpo]["data"]["mix"] = [{"task": "arithmetic"}]
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=rf"stages\[{dpo}\]\.data\.mix\[0\]: only sft stages mix"):
+        load_recipe(str(path))
