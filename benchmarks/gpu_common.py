@@ -41,6 +41,21 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 1, 
     return statistics.median(times)
 
 
+def time_ms_adaptive(fn: Callable[[], object], device: torch.device, *, reps: int = 5, slow_ms: float = 1500.0) -> float:
+    """Median wall ms of fn() after one untimed warm-up call (autotuning, allocator growth);
+    a point whose first timed call takes over `slow_ms` is not repeated (seconds-long calls
+    vary little, and repeating 30 s softmax points would eat a device call)."""
+    fn()
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    first = (time.perf_counter() - start) * 1e3
+    if first > slow_ms or reps <= 1:
+        return first
+    return statistics.median([first] + [time_ms(fn, device, warmup=0, reps=1) for _ in range(reps - 1)])
+
+
 def copy_bandwidth(device: torch.device, nbytes: int = 2 << 30) -> float:
     """Measured device-to-device copy bandwidth, bytes/s counting bytes read plus written."""
     n = nbytes // 2
@@ -49,6 +64,14 @@ def copy_bandwidth(device: torch.device, nbytes: int = 2 << 30) -> float:
     ms = time_ms(lambda: dst.copy_(src), device, warmup=2, reps=10)
     del src, dst
     return 2 * n * 2 / (ms / 1e3)
+
+
+def matmul_tflops(device: torch.device, n: int = 8192) -> float:
+    """Measured bf16 matrix-product rate (TFLOP/s) of an n x n x n product (n = 256 on CPU)."""
+    n = n if device.type == "cuda" else 256
+    a, b = (torch.randn(n, n, device=device).to(torch.bfloat16) for _ in range(2))
+    ms = time_ms(lambda: a @ b, device, warmup=3, reps=10)
+    return 2 * n**3 / (ms / 1e3) / 1e12
 
 
 def is_oom(err: BaseException) -> bool:

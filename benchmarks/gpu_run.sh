@@ -3,6 +3,9 @@
 # `posttrain` is not installed: fla-core comes from .whl/ (pip download fla-core==0.6.0 --no-deps
 # -d .whl) and the package layout is rebuilt with symlinks (posttrain.rollout -> rollout/ ...).
 #   bash benchmarks/gpu_run.sh tests|lightning|decode|train|all     (logs and JSON in $OUT)
+# Triton's compiled kernels and fla's autotuning results (FLA_CACHE_RESULTS, on by default) go to
+# /tmp/tcache; the script ends by packing them into $OUT/triton.tgz, and a later call that
+# carries .tcache/triton.tgz starts from them (a cold machine spends minutes autotuning fla).
 set -o pipefail
 part=${1:-all}
 OUT=${OUT:-$PWD/benchmark_out}; mkdir -p "$OUT"; export OUT
@@ -10,7 +13,11 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 rm -rf /tmp/pp && mkdir -p /tmp/pp/posttrain
 for f in "$PWD"/posttrain/*; do ln -s "$f" /tmp/pp/posttrain/; done
 for d in rollout data algorithms recipes; do ln -s "$PWD/$d" /tmp/pp/posttrain/$d; done
-export PYTHONPATH=/tmp/pp:/tmp/site PYTHONUNBUFFERED=1
+export PYTHONPATH=/tmp/pp:/tmp/site PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/tcache
+mkdir -p /tmp/tcache && [[ -f .tcache/triton.tgz ]] && tar xzf .tcache/triton.tgz -C /tmp && echo "triton cache: $(ls /tmp/tcache | wc -l) entries carried"
+pack_cache() { tar czf "$OUT/triton.tgz" -C /tmp tcache; local mb=$(( $(stat -c %s "$OUT/triton.tgz") >> 20 ))
+  echo "triton cache packed: ${mb} MiB"; (( mb < 15 )) || rm -f "$OUT/triton.tgz"; }
+trap pack_cache EXIT
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
 python3 -c "import torch, triton, transformers, fla; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'fla', fla.__version__)"
 run() { local t=$1; shift; echo "== $*"; timeout "$t" "$@"; }
@@ -30,6 +37,17 @@ if [[ $part == second ]]; then  # the second device call: what the first could n
 fi
 if [[ $part == third ]]; then  # decode after the cuDNN-plan fix in SoftmaxAttention.attend_one
   run 280 python3 benchmarks/gpu_decode.py --budget 170 --contexts 4096 --profile 2>&1 | tee "$OUT/decode.log" | grep -v "^  \|^---\|UserWarning\|_warn_once"
+fi
+if [[ $part == c1 ]]; then  # session 2, call 1: the lightning layer at 8K..512K, then the GPU tests
+  run 400 python3 benchmarks/gpu_lightning.py --budget 320 2>&1 | tee "$OUT/lightning.log" | grep -v Warning
+  run 150 python3 -m pytest -q -p no:cacheprovider --durations=0 tests/models/test_gpu_lightning.py 2>&1 | tee "$OUT/tests.log" | tail -30
+fi
+if [[ $part == c2 ]]; then  # call 2: GPU tests (warm cache), training 8K..512K + profile + longest step
+  run 150 python3 -m pytest -q -p no:cacheprovider --durations=0 tests/models/test_gpu_lightning.py 2>&1 | tee "$OUT/tests.log" | tail -30
+  run 400 python3 benchmarks/gpu_train.py --budget 330 --profile 8192 131072 --max-lengths 1048576 786432 2>&1 | tee "$OUT/train.log" | grep -v Warning
+fi
+if [[ $part == c3 ]]; then  # call 3: decode at 32K context after the cuDNN-plan fix
+  run 300 python3 benchmarks/gpu_decode.py --budget 220 --contexts 32768 --batches 1 64 2>&1 | tee "$OUT/decode.log" | grep -v "^  \|^---\|UserWarning\|_warn_once"
 fi
 if [[ $part == decode || $part == all ]]; then
   run 160 python3 benchmarks/gpu_decode.py --budget 110 2>&1 | tee "$OUT/decode.log" | tail -14

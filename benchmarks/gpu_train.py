@@ -14,12 +14,13 @@ on every layer. In process: no Ray, no DeepSpeed.
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 
-from gpu_common import Budget, device_info, free, is_oom, peak_gib, print_table, save_json, time_ms
+from gpu_common import Budget, device_info, free, is_oom, out_dir, peak_gib, print_table, save_json, sync, time_ms
 from posttrain.models import HybridForCausalLM, forward_hidden, preset_config, set_gradient_checkpointing, token_logprobs
-from posttrain.models.hybrid import FULL
+from posttrain.models.hybrid import FULL, SparseMoE
 
 
 def build(preset: str, softmax_only: bool, device, dtype) -> HybridForCausalLM:
@@ -58,17 +59,48 @@ def measure(model, T: int, device, reps: int, warmup: int = 1):
         return f"error: {type(err).__name__}: {str(err)[:100]}", None
 
 
+def profile_step(model, T: int, device, path) -> str:
+    """Profile one training step (after a warm one); full table to `path`, summary line returned."""
+    from torch.profiler import ProfilerActivity, profile
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), eps=1e-15)
+    ids = torch.randint(0, model.config.vocab_size, (1, T + 1), device=device)
+    train_step(model, opt, ids)
+    sync(device)
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        train_step(model, opt, ids)
+        sync(device)
+    wall = time.perf_counter() - start
+    events = prof.key_averages()
+    kernel_s = max(sum(e.self_device_time_total for e in events) / 1e6, 1e-9)  # 0 on CPU (smoke)
+    with open(path, "a") as f:
+        f.write(f"\n## T={T}: wall {wall:.3f} s under the profiler, device time {kernel_s:.3f} s\n")
+        f.write(events.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60))
+    top = sorted(events, key=lambda e: -e.self_device_time_total)[:6]
+    parts = ", ".join(f"{e.key[:40]} {e.self_device_time_total / 1e6 / kernel_s:.0%}" for e in top)
+    del opt
+    model.zero_grad(set_to_none=True)
+    free(device)
+    return f"profile T={T}: wall {wall:.2f} s, device {kernel_s:.2f} s; top: {parts}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072, 262144, 524288])
     ap.add_argument("--max-lengths", type=int, nargs="+", default=[1048576, 786432, 524288, 262144],
                     help="hybrid only, tried in order until one fits")
     ap.add_argument("--budget", type=float, default=200.0, help="seconds for the whole script")
+    ap.add_argument("--profile", type=int, nargs="*", default=[], help="hybrid: profile one step at these T")
+    ap.add_argument("--moe-token-chunk", type=int, default=None, help="override SparseMoE.token_chunk")
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
     if args.smoke:
         device, dtype, preset = torch.device("cpu"), torch.float32, "tiny-hybrid"
         args.lengths, args.max_lengths = [128, 256], [1024, 512]
+        args.profile = [128] if args.profile else []
+    if args.moe_token_chunk:
+        SparseMoE.token_chunk = args.moe_token_chunk
     else:
         device, dtype, preset = torch.device("cuda"), torch.bfloat16, "small-hybrid"
     budget = Budget(args.budget)
@@ -78,13 +110,20 @@ def main() -> None:
         n_params = sum(p.numel() for p in model.parameters())
         name = "softmax-only" if softmax_only else "hybrid"
         for T in args.lengths:
-            if budget.left() < 0:
+            # a softmax-only step at 512K takes ~1 min: do not start one without the time for it
+            need = 0 if T <= 131072 else (T / 131072) ** 2 * (12 if softmax_only else 3)
+            if budget.left() < need:
                 res = ("skipped (time budget)", None)
+            elif T >= 262144:  # one step, no warm-up: kernels are compiled by now, a step takes seconds
+                res = measure(model, T, device, reps=1, warmup=0)
             else:
                 res = measure(model, T, device, reps=3 if T <= 32768 else 2)
             results.append({"model": name, "params": n_params, "T": T, "tokens_per_s": res[0], "peak_gib": res[1]})
             rows.setdefault(T, {})[name] = res
             print(results[-1], flush=True)
+        if not softmax_only:
+            for T in args.profile:
+                print(profile_step(model, T, device, out_dir() / "profile.txt"), flush=True)
         del model
         free(device)
     longest = None
@@ -99,7 +138,8 @@ def main() -> None:
         if isinstance(res[0], float):
             longest = (T, res)
             break
-    info = device_info(device) | {"preset": preset, "dtype": str(dtype), "params": n_params}
+    info = device_info(device) | {"preset": preset, "dtype": str(dtype), "params": n_params,
+                                  "moe_token_chunk": SparseMoE.token_chunk}
     save_json("gpu_train.json", {"info": info, "results": results, "longest_hybrid_step": longest})
     table = []
     for T, r in rows.items():
