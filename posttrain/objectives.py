@@ -7,8 +7,9 @@ already divided by the global normaliser), so the learner only adds them up.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 
@@ -207,42 +208,121 @@ class PreferenceBatch:
         return Batch(self.input_ids, self.targets, self.position_ids, self.attention_mask)
 
 
+@dataclass
+class PackedPreferenceBatch:
+    """B preference pairs as 2B documents (prompt + one response each) packed into R rows of
+    at most max_seq_len tokens (posttrain.stages.dpo_pairs.pack_pairs), the rows stored end
+    to end in one stream. Each row is run through the model on its own (a [1, T_r] packed
+    row with cu_seqlens: positions restart per document, no attention, recurrent state or
+    target crosses a document boundary), so one forward never holds more than max_seq_len
+    tokens. `slot_doc` maps the documents back to PreferenceBatch's order (slot k < B: chosen
+    response of pair k, slot B + k: its rejected response); `ref_logps` is in slot order.
+    Flat tensor fields, so the learner can move the batch to its device."""
+
+    input_ids: torch.Tensor  # [1, T] long, T = sum of the 2B document lengths (no padding)
+    targets: torch.Tensor  # [1, T] long, shifted per document, -100 off the responses
+    position_ids: torch.Tensor  # [1, T] long, restarting at 0 per document
+    cu_seqlens: torch.Tensor  # [2B + 1] int32, document boundaries in the stream
+    row_bounds: torch.Tensor  # [R + 1] long, row boundaries in the stream (a subset of cu_seqlens)
+    slot_doc: torch.Tensor  # [2B] long, stream index of the document in slot k
+    ref_logps: torch.Tensor  # [2B] float64, slot order
+
+    @property
+    def num_rows(self) -> int:
+        return self.row_bounds.numel() - 1
+
+    def row(self, r: int) -> Batch:
+        """Row r as a packed posttrain.data.Batch `[1, T_r]` with its own cu_seqlens."""
+        lo, hi = int(self.row_bounds[r]), int(self.row_bounds[r + 1])
+        cu = self.cu_seqlens.long()
+        cu = cu[(cu >= lo) & (cu <= hi)] - lo  # [N_r + 1]
+        return Batch(self.input_ids[:, lo:hi], self.targets[:, lo:hi], self.position_ids[:, lo:hi],
+                     attention_mask=None, cu_seqlens=cu.to(torch.int32), max_seqlen=int((cu[1:] - cu[:-1]).max()))
+
+
+AnyPreferenceBatch = Union[PreferenceBatch, PackedPreferenceBatch]
+
+
+def segment_sums(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Per-document sums `[N]` of `values` `[T]` over the documents of cu_seqlens `[N + 1]`."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()  # [N]
+    doc = torch.repeat_interleave(torch.arange(lengths.numel(), device=values.device), lengths.to(values.device))
+    return values.new_zeros(lengths.numel()).index_add(0, doc, values)
+
+
 def sequence_logprobs(model: torch.nn.Module, batch: Batch, *, chunk_size: int = 1024):
-    """Sequence log-prob = sum of the target tokens' log-probs `[B]`, target counts `[B]`, aux loss."""
+    """Sequence log-prob = sum of the target tokens' log-probs, and the target counts: per row
+    `[B]` of a padded batch, per document `[N]` of a packed row (cu_seqlens); the aux loss."""
     logp, aux = policy_logprobs(model, batch, chunk_size=chunk_size)  # [B, T], 0 off target
-    mask = batch.targets != IGNORE_INDEX  # [B, T]
-    return logp.sum(-1), mask.sum(-1).to(logp.dtype), aux
+    mask = (batch.targets != IGNORE_INDEX).to(logp.dtype)  # [B, T]
+    if batch.cu_seqlens is None:
+        return logp.sum(-1), mask.sum(-1), aux
+    return segment_sums(logp[0], batch.cu_seqlens), segment_sums(mask[0], batch.cu_seqlens), aux
+
+
+def preference_logprobs(model: torch.nn.Module, batch: AnyPreferenceBatch, *, chunk_size: int = 1024):
+    """Sequence log-probs `[2B]` and target counts `[2B]` in slot order (chosen, then rejected)
+    and the router aux loss, from a padded or a packed preference batch.
+
+    Packed: one forward per row; the aux loss is the rows' token-weighted mean (the balancing
+    loss is a product of batch means, so it depends on how tokens are grouped, as it does
+    on the micro-batch split of padded batches)."""
+    if isinstance(batch, PreferenceBatch):
+        return sequence_logprobs(model, batch.rows, chunk_size=chunk_size)
+    seqs, counts, aux = [], [], 0.0
+    for r in range(batch.num_rows):
+        row = batch.row(r)
+        s, n, a = sequence_logprobs(model, row, chunk_size=chunk_size)  # [N_r] documents of row r
+        seqs.append(s)
+        counts.append(n)
+        aux = aux + a * row.input_ids.shape[1]
+    slot = batch.slot_doc
+    return torch.cat(seqs)[slot], torch.cat(counts)[slot], aux / batch.input_ids.shape[1]
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    moved = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
+    return dataclasses.replace(batch, **{k: v.to(device) for k, v in moved.items() if torch.is_tensor(v)})
 
 
 @torch.no_grad()
-def reference_logprobs(model: torch.nn.Module, batches: list[Batch], *, chunk_size: int = 1024) -> list[float]:
-    """Sequence log-probs of every row of `batches`, in order (run once, on the starting model)."""
+def reference_logprobs(model: torch.nn.Module, batches: list[Union[Batch, AnyPreferenceBatch]], *,
+                       chunk_size: int = 1024) -> list[float]:
+    """Sequence log-probs of every sequence of `batches`, in order (run once, on the starting
+    model): rows of a padded Batch, documents of a packed Batch, slots (chosen, then rejected)
+    of a preference batch, padded or packed."""
     was_training = model.training
     model.eval()
     try:
         device = next(model.parameters()).device
         out: list[float] = []
         for b in batches:
-            b = Batch(*(t.to(device) for t in (b.input_ids, b.targets, b.position_ids, b.attention_mask)))
-            out += sequence_logprobs(model, b, chunk_size=chunk_size)[0].double().cpu().tolist()
+            b = _to_device(b, device)
+            if isinstance(b, Batch):
+                seq = sequence_logprobs(model, b, chunk_size=chunk_size)[0]
+            else:
+                seq = preference_logprobs(model, b, chunk_size=chunk_size)[0]
+            out += seq.double().cpu().tolist()
         return out
     finally:
         model.train(was_training)
 
 
-def dpo_objective(model: torch.nn.Module, batch: PreferenceBatch, *, num_pairs: int, beta: float,
+def dpo_objective(model: torch.nn.Module, batch: AnyPreferenceBatch, *, num_pairs: int, beta: float,
                   loss_type: str = "sigmoid", label_smoothing: float = 0.0, rpo_alpha: float = 0.0,
                   chunk_size: int = 1024) -> tuple[torch.Tensor, dict[str, Any]]:
     """DPO-family loss (posttrain.algorithms.dpo_loss) on sequence log-probs summed over the
     response tokens, normalised by `num_pairs`: all pairs of the optimizer step across
     micro-batches and ranks. The router aux loss is weighted by this micro-batch's pair share.
+    `batch`: right-padded (PreferenceBatch) or packed (PackedPreferenceBatch, long context);
+    both give the same sequence log-probs.
 
     Metrics are contributions that sum to means over the step's pairs: dpo_loss's (rewards/*,
     logps/*, loss/*), `pref_accuracy` (implicit reward of chosen > rejected, ties within
     PREF_TIE_NATS count 1/2) and `logp_accuracy` (raw log-prob of chosen > rejected); `pairs`
     sums to the pair count.
     """
-    seq, lengths, aux = sequence_logprobs(model, batch.rows, chunk_size=chunk_size)  # [2B]
+    seq, lengths, aux = preference_logprobs(model, batch, chunk_size=chunk_size)  # [2B]
     B = seq.shape[0] // 2
     ref = batch.ref_logps.to(seq.dtype)
     loss, m = dpo_loss(seq[:B], seq[B:], ref[:B], ref[B:], beta=beta, loss_type=loss_type,

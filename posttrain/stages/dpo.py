@@ -8,8 +8,15 @@ step with the DPO objective (mean over the step's pairs) -> log -> periodic eval
 preference accuracy + the task's exact-match) and resumable state -> final eval, checkpoint
 and manifest. A resumed run reuses the saved pairs and reference log-probs.
 
-Batches are right-padded (chosen and rejected rows of a micro-batch side by side); pairs are
-not packed into long rows yet.
+Batches are right-padded (chosen and rejected rows of a micro-batch side by side), or, with
+`data.pack: true` (long context), each micro-batch's `batch.micro_size` pairs become 2B
+documents packed into rows of `data.max_seq_len` tokens (best-fit decreasing; a pair stays in
+its micro-batch; positions restart per document and nothing crosses a document boundary).
+Every row is one forward; sequence log-probs are per-document sums, so the loss equals the
+padded one. Reference log-probs and the held-out eval use the same batches. Packed pairs are
+never truncated: a prompt + response longer than data.max_seq_len stops the stage, naming the
+file and pair. Chunked LM-head CE (learner.loss_chunk_size) and gradient checkpointing
+(learner.gradient_checkpointing) apply as in SFT.
 """
 from __future__ import annotations
 
@@ -27,7 +34,7 @@ from posttrain.stages.common import (
     StageContext, batch_indices, exact_match_eval, end_of_step, finish_stage, resume_step, shard, task_files,
 )
 from posttrain.stages.dpo_pairs import (
-    Pair, collate_pairs, compute_reference, encode_pairs, fingerprint, generate_pair_rows, with_reference,
+    Pair, compute_reference, encode_pairs, fingerprint, generate_pair_rows, preference_batch, with_reference,
     write_jsonl_atomic,
 )
 
@@ -39,12 +46,20 @@ def run_dpo(ctx: StageContext, cfg: DPOStageConfig, learners: Any) -> dict[str, 
     if cfg.batch.global_size % (cfg.batch.micro_size * world):
         raise ValueError(f"{cfg.name}: batch.global_size {cfg.batch.global_size} must be a multiple of "
                          f"micro_size x learners = {cfg.batch.micro_size * world}")
+    if cfg.data.pack and cfg.data.pack_mode != "bfd":
+        raise ValueError(f"{cfg.name}: data.pack_mode {cfg.data.pack_mode!r} would cut documents; a dpo stage "
+                         f"packs whole pairs (pack_mode: bfd)")
     learners.configure(cfg.optim, cfg.schedule, cfg.learner, cfg.steps)
     # Both need the starting model: they run before any resumed state is loaded.
     train_pairs, eval_pairs = prepare_pairs(ctx, cfg, learners)
     train_pairs, eval_pairs = prepare_reference(ctx, cfg, learners, train_pairs, eval_pairs)
     task_records = load_task_eval(ctx, cfg)
     pad_id = ctx.tokenizer.pad_token_id
+    pack_len = cfg.data.max_seq_len if cfg.data.pack else None
+    if pack_len:
+        longest = max(max(len(p.chosen), len(p.rejected)) for p in train_pairs + eval_pairs)
+        ctx.console.print(f"{cfg.name}: {cfg.batch.micro_size} pairs per micro-batch packed into rows of "
+                          f"{pack_len} tokens (longest document: {longest})")
     knobs = dict(beta=cfg.loss.beta, loss_type=cfg.loss.loss_type, label_smoothing=cfg.loss.label_smoothing,
                  rpo_alpha=cfg.loss.rpo_alpha, chunk_size=cfg.learner.loss_chunk_size)
 
@@ -52,7 +67,7 @@ def run_dpo(ctx: StageContext, cfg: DPOStageConfig, learners: Any) -> dict[str, 
 
     def evaluate(step: int) -> dict[str, Any]:
         metrics = exact_match_eval(ctx, learners, task_records, cfg.data.task, cfg.eval)
-        metrics.update(preference_eval(learners, eval_pairs, pad_id, cfg.batch.micro_size, knobs))
+        metrics.update(preference_eval(learners, eval_pairs, pad_id, cfg.batch.micro_size, knobs, pack_len))
         ctx.logger.log(cfg.name, "eval", step, metrics)
         return metrics
 
@@ -63,7 +78,7 @@ def run_dpo(ctx: StageContext, cfg: DPOStageConfig, learners: Any) -> dict[str, 
         for step in range(start, cfg.steps):
             idx = batch_indices(len(train_pairs), cfg.batch.global_size, step, ctx.seed)
             step_pairs = [train_pairs[i] for i in idx]
-            micro = [[collate_pairs(mb, pad_id) for mb in rank]
+            micro = [[preference_batch(mb, pad_id, pack_len) for mb in rank]
                      for rank in shard(step_pairs, world, cfg.batch.micro_size)]
             last = learners.train_step(dpo_objective, micro, num_pairs=len(step_pairs), **knobs)
             bar.advance(loss=last["loss"], acc=last["rewards/accuracies"])
@@ -106,7 +121,7 @@ def _load_pairs(ctx: StageContext, cfg: DPOStageConfig, path: Path) -> list[Pair
     res = load_records(path, "preference", on_bad_row=cfg.data.on_bad_row)
     if res.n_skipped:
         ctx.console.print(f"[yellow]{path}: skipped {res.n_skipped} malformed rows (first: {res.errors[0]})[/yellow]")
-    return encode_pairs(res.records, ctx.tokenizer, cfg.data.max_seq_len, path)
+    return encode_pairs(res.records, ctx.tokenizer, cfg.data.max_seq_len, path, truncate=not cfg.data.pack)
 
 
 def generated_pair_files(ctx: StageContext, cfg: DPOStageConfig, learners: Any) -> tuple[Path, Optional[Path]]:
@@ -117,7 +132,8 @@ def generated_pair_files(ctx: StageContext, cfg: DPOStageConfig, learners: Any) 
         ctx.console.print(f"[cyan]{cfg.name}: reusing generated pairs in {out}[/cyan]")
         return train_path, eval_path if eval_path.stat().st_size else None
     files = task_files(ctx, cfg.data) if cfg.data.task else {}
-    prompt_file = Path(cfg.data.train) if cfg.data.train else files["prompts"]
+    # arithmetic ships a separate prompt file for pair generation; needle only its rl prompts
+    prompt_file = Path(cfg.data.train) if cfg.data.train else files.get("prompts", files.get("rl_train"))
     records = load_records(prompt_file, "rl", on_bad_row=cfg.data.on_bad_row).records
     records = records[: cfg.pairs.num_prompts] if cfg.pairs.num_prompts else records
     ctx.console.print(f"{cfg.name}: sampling {cfg.pairs.num_samples} completions for each of "
@@ -156,7 +172,7 @@ def prepare_reference(ctx: StageContext, cfg: DPOStageConfig, learners: Any, tra
             return with_reference(train, saved["train"]), with_reference(held_out, saved["eval"])
         ctx.console.print(f"[yellow]{cfg.name}: {path} belongs to other pairs or another model; recomputing[/yellow]")
     ref = compute_reference(learners, train + held_out, ctx.tokenizer.pad_token_id, cfg.batch.micro_size,
-                            cfg.learner.loss_chunk_size)
+                            cfg.learner.loss_chunk_size, cfg.data.max_seq_len if cfg.data.pack else None)
     write_json_atomic(path, {"fingerprint": key, "model": ctx.init_path,
                              "train": ref[:len(train)], "eval": ref[len(train):]})
     ctx.console.print(f"{cfg.name}: reference log-probs of {len(ref)} pairs -> {path}")
@@ -176,14 +192,15 @@ def load_task_eval(ctx: StageContext, cfg: DPOStageConfig) -> list[Any]:
 
 
 def preference_eval(learners: Any, pairs: list[Pair], pad_id: int, micro_size: int,
-                    knobs: dict[str, Any]) -> dict[str, float]:
+                    knobs: dict[str, Any], pack_len: Optional[int] = None) -> dict[str, float]:
     """Held-out pairs: pref_accuracy (implicit reward ranks chosen first; ties count 1/2),
-    logp_accuracy (raw log-probs do), pref_loss and the reward margin, means over pairs."""
+    logp_accuracy (raw log-probs do), pref_loss and the reward margin, means over pairs.
+    pack_len: pack each micro-batch into rows of that many tokens (as training does)."""
     world = learners.world_size
     pairs = pairs[: len(pairs) - len(pairs) % world]
     if not pairs:
         return {}
-    micro = [[collate_pairs(mb, pad_id) for mb in rank] for rank in shard(pairs, world, micro_size)]
+    micro = [[preference_batch(mb, pad_id, pack_len) for mb in rank] for rank in shard(pairs, world, micro_size)]
     m = learners.evaluate(dpo_objective, micro, num_pairs=len(pairs), **knobs)
     return {"pref_accuracy": m["pref_accuracy"], "logp_accuracy": m["logp_accuracy"], "pref_loss": m["loss"],
             "reward_margin": m["rewards/margins"], "reward_chosen": m["rewards/chosen"],

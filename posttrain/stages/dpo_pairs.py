@@ -14,6 +14,10 @@ Files in the stage dir (written atomically, reused on resume):
 A preference row carrying `prompt_ids`/`chosen_ids`/`rejected_ids` is trained on exactly those
 ids (never re-tokenised text); any other row goes through the chat template
 (posttrain.data.encode_preference).
+
+Micro-batches: right-padded (collate_pairs), or, for long context (`data.pack`), the pairs'
+documents packed into rows of data.max_seq_len tokens (pack_pairs). Packed pairs are never
+truncated: a response whose document does not fit is an error naming the pair.
 """
 from __future__ import annotations
 
@@ -30,10 +34,13 @@ from typing import Any, Optional, Sequence
 import torch
 
 from posttrain.data import DataError, Example, PreferenceRecord, collate, encode_preference, encode_prompt
-from posttrain.objectives import PreferenceBatch, reference_logprobs
+from posttrain.data.collate import shifted_targets
+from posttrain.data.packing import best_fit_decreasing
+from posttrain.objectives import AnyPreferenceBatch, PackedPreferenceBatch, PreferenceBatch, reference_logprobs
 from posttrain.rollout.types import SamplingParams
 
 ID_KEYS = ("prompt_ids", "chosen_ids", "rejected_ids")
+NO_LIMIT = 2**62  # encoding length when documents must not be cut (packed pairs)
 
 
 @dataclass(frozen=True)
@@ -62,24 +69,36 @@ def _ids(meta: dict[str, Any], key: str, where: str) -> list[int]:
     return v
 
 
-def encode_pair(record: PreferenceRecord, tokenizer: Any, max_len: int, where: str) -> Optional[Pair]:
-    """A Pair, or None when either response has no trained token left after truncation."""
+def encode_pair(record: PreferenceRecord, tokenizer: Any, max_len: int, where: str, *,
+                truncate: bool = True) -> Optional[Pair]:
+    """A Pair, or None when either response has no trained token left after truncation.
+
+    truncate=False (packed pairs): a prompt + response longer than max_len is a DataError
+    naming `where`, never a cut response."""
     present = [k for k in ID_KEYS if k in record.meta]
     if present and len(present) < len(ID_KEYS):
         raise DataError(f"{where}: has {present} but not all of {list(ID_KEYS)}")
+    limit = max_len if truncate else NO_LIMIT
     if present:
         prompt = _ids(record.meta, "prompt_ids", where)
-        chosen = _token_example(prompt, _ids(record.meta, "chosen_ids", where), max_len)
-        rejected = _token_example(prompt, _ids(record.meta, "rejected_ids", where), max_len)
+        chosen = _token_example(prompt, _ids(record.meta, "chosen_ids", where), limit)
+        rejected = _token_example(prompt, _ids(record.meta, "rejected_ids", where), limit)
     else:
-        chosen, rejected = encode_preference(record, tokenizer, max_len)
+        chosen, rejected = encode_preference(record, tokenizer, limit)
+    for side, ex in (("chosen", chosen), ("rejected", rejected)):
+        if len(ex) > max_len:
+            raise DataError(f"{where}: prompt + {side} response is {len(ex)} tokens, longer than "
+                            f"data.max_seq_len={max_len}; packed pairs are not truncated (raise "
+                            f"data.max_seq_len or remove the pair)")
     if chosen.n_trained == 0 or rejected.n_trained == 0:
         return None
     return Pair(chosen, rejected)
 
 
-def encode_pairs(records: Sequence[PreferenceRecord], tokenizer: Any, max_len: int, path: Path) -> list[Pair]:
-    out = [encode_pair(r, tokenizer, max_len, f"{path} pair {i + 1}") for i, r in enumerate(records)]
+def encode_pairs(records: Sequence[PreferenceRecord], tokenizer: Any, max_len: int, path: Path, *,
+                 truncate: bool = True) -> list[Pair]:
+    out = [encode_pair(r, tokenizer, max_len, f"{path} pair {i + 1}", truncate=truncate)
+           for i, r in enumerate(records)]
     return [p for p in out if p is not None]
 
 
@@ -88,6 +107,45 @@ def collate_pairs(pairs: Sequence[Pair], pad_id: int) -> PreferenceBatch:
     rows = collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
     ref = torch.tensor([p.ref_chosen for p in pairs] + [p.ref_rejected for p in pairs], dtype=torch.float64)
     return PreferenceBatch(rows.input_ids, rows.targets, rows.position_ids, rows.attention_mask, ref)
+
+
+def pack_pairs(pairs: Sequence[Pair], max_seq_len: int) -> PackedPreferenceBatch:
+    """B pairs -> their 2B documents (prompt + response) packed into rows of at most
+    `max_seq_len` tokens by best-fit decreasing, rows stored end to end (see
+    PackedPreferenceBatch). Per document, as posttrain.data.pack: targets shifted inside the
+    document (its last position is never a target), positions restart at 0. Deterministic."""
+    docs = [p.chosen for p in pairs] + [p.rejected for p in pairs]  # slot order
+    B = len(pairs)
+    for k, d in enumerate(docs):
+        if not 1 <= len(d) <= max_seq_len:
+            side = "chosen" if k < B else "rejected"
+            raise ValueError(f"pair {k % B} of the micro-batch: its {side} document has {len(d)} tokens, "
+                             f"outside [1, max_seq_len={max_seq_len}]; packed pairs are not truncated")
+    bins = best_fit_decreasing([len(d) for d in docs], max_seq_len)
+    order = [k for b in bins for k in b]  # stream position n holds the document of slot order[n]
+    ids: list[int] = []
+    targets: list[int] = []
+    positions: list[int] = []
+    cu = [0]
+    for k in order:
+        d = docs[k]
+        ids += d.input_ids
+        targets += shifted_targets(d.input_ids, d.loss_mask)
+        positions += range(len(d))
+        cu.append(cu[-1] + len(d))
+    row_ends = torch.tensor([sum(len(docs[k]) for k in b) for b in bins]).cumsum(0)
+    slot_doc = torch.empty(len(docs), dtype=torch.long)
+    slot_doc[torch.tensor(order)] = torch.arange(len(docs))
+    ref = torch.tensor([p.ref_chosen for p in pairs] + [p.ref_rejected for p in pairs], dtype=torch.float64)
+    return PackedPreferenceBatch(
+        input_ids=torch.tensor([ids], dtype=torch.long), targets=torch.tensor([targets], dtype=torch.long),
+        position_ids=torch.tensor([positions], dtype=torch.long), cu_seqlens=torch.tensor(cu, dtype=torch.int32),
+        row_bounds=torch.cat([torch.zeros(1, dtype=torch.long), row_ends]), slot_doc=slot_doc, ref_logps=ref)
+
+
+def preference_batch(pairs: Sequence[Pair], pad_id: int, pack_len: Optional[int] = None) -> AnyPreferenceBatch:
+    """One micro-batch: right-padded (pack_len None) or packed into rows of pack_len tokens."""
+    return collate_pairs(pairs, pad_id) if pack_len is None else pack_pairs(pairs, pack_len)
 
 
 # ----------------------------------------------------------------------- generation
@@ -199,12 +257,13 @@ def fingerprint(pairs: Sequence[Pair], model: Optional[str]) -> str:
 
 
 def compute_reference(learners: Any, pairs: Sequence[Pair], pad_id: int, micro_size: int,
-                      chunk_size: int) -> list[tuple[float, float]]:
-    """(chosen, rejected) sequence log-probs of every pair under the learner's current weights.
+                      chunk_size: int, pack_len: Optional[int] = None) -> list[tuple[float, float]]:
+    """(chosen, rejected) sequence log-probs of every pair under the learner's current weights,
+    through the same batches as training (padded, or packed into rows of pack_len tokens).
 
     Called before the stage's first update, when the learner IS the reference model, so the
     learner never holds a second model."""
-    batches = [collate_pairs(pairs[i:i + micro_size], pad_id).rows for i in range(0, len(pairs), micro_size)]
+    batches = [preference_batch(pairs[i:i + micro_size], pad_id, pack_len) for i in range(0, len(pairs), micro_size)]
     flat = learners.call_rank0(reference_logprobs, batches, chunk_size=chunk_size)
     out: list[tuple[float, float]] = []
     pos = 0
