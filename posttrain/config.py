@@ -96,8 +96,9 @@ class DataConfig:
     task_args: dict[str, Any] = field(default_factory=dict)
     on_bad_row: Literal["error", "skip"] = "error"
     max_seq_len: int = 512
-    # sft only: pack tokenised examples into rows of max_seq_len (posttrain.data.pack, best-fit
-    # decreasing); pack_mode "split" cuts longer examples into pieces instead of truncating
+    # sft and dpo: pack tokenised examples (dpo: each micro-batch's chosen and rejected
+    # documents) into rows of max_seq_len (best-fit decreasing, documents never mixed);
+    # sft's pack_mode "split" cuts longer examples into pieces instead of truncating
     pack: bool = False
     pack_mode: Literal["bfd", "split"] = "bfd"
     # sft only: more training sources mixed in (see MixSource)
@@ -126,9 +127,10 @@ class ScheduleConfig:
 class BatchConfig:
     """Sequences per optimizer step (across all learners) and per micro-batch.
 
-    With `data.pack` the unit is a packed row of up to data.max_seq_len tokens instead of a
-    sequence: global_size rows per step (<= global_size x max_seq_len tokens) and micro_size
-    must be 1 (one packed row per micro-batch bounds the activation memory)."""
+    With `data.pack` in an sft stage the unit is a packed row of up to data.max_seq_len tokens
+    instead of a sequence: global_size rows per step (<= global_size x max_seq_len tokens) and
+    micro_size must be 1 (one packed row per micro-batch bounds the activation memory). In a
+    dpo stage both count pairs; a micro-batch's pairs are packed into rows, one forward each."""
 
     global_size: int = 32
     micro_size: int = 8
@@ -514,9 +516,12 @@ def _validate_stage(st: SFTStageConfig, key: str) -> None:
         raise ConfigError(f"{key}.steps: must be positive, got {st.steps}")
     for j, src in enumerate(d.mix):
         _validate_mix(src, f"{key}.data.mix[{j}]", isinstance(st, SFTStageConfig))
-    if d.pack and not isinstance(st, SFTStageConfig):
-        raise ConfigError(f"{key}.data.pack: only sft stages pack their data")
-    if d.pack and st.batch.micro_size != 1:
+    if d.pack and not isinstance(st, (SFTStageConfig, DPOStageConfig)):
+        raise ConfigError(f"{key}.data.pack: only sft and dpo stages pack their data")
+    if d.pack and isinstance(st, DPOStageConfig) and d.pack_mode != "bfd":
+        raise ConfigError(f"{key}.data.pack_mode: dpo packs whole documents (bfd); a preference "
+                          f"response is never split, got {d.pack_mode!r}")
+    if d.pack and isinstance(st, SFTStageConfig) and st.batch.micro_size != 1:
         raise ConfigError(f"{key}.batch.micro_size: must be 1 with data.pack (one packed row of "
                           f"data.max_seq_len tokens per micro-batch), got {st.batch.micro_size}")
     if isinstance(st, DPOStageConfig):

@@ -203,19 +203,18 @@ def write_pairs(path, n: int, seed: int) -> None:
 
 
 def test_packed_dpo_stage_runs_and_learns_the_preference(tmp_path, ray_local):
+    import yaml
+
+    from posttrain.config import load_recipe
     from posttrain.pipeline import run_recipe
-    from posttrain.schema import parse_dataclass
-    from posttrain.config import RecipeConfig
 
     write_pairs(tmp_path / "train.jsonl", 24, seed=0)
     write_pairs(tmp_path / "eval.jsonl", 8, seed=1)
     raw = json.loads(json.dumps(STAGE))
     raw["run_dir"] = str(tmp_path / "run")
     raw["stages"][0]["data"].update(train=str(tmp_path / "train.jsonl"), eval=str(tmp_path / "eval.jsonl"))
-    # parsed without load_recipe's cross-field checks: posttrain.config still allows data.pack
-    # on sft stages only (and micro_size 1), which predates packed pairs
-    cfg = parse_dataclass(RecipeConfig, raw, "")
-    run_recipe(cfg)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+    run_recipe(load_recipe(str(tmp_path / "r.yaml")))
 
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if r["split"] == "eval"]

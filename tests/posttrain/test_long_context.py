@@ -233,3 +233,14 @@ def test_data_mix_only_in_sft_stages(tmp_path):
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match=rf"stages\[{dpo}\]\.data\.mix\[0\]: only sft stages mix"):
         load_recipe(str(path))
+
+
+def test_config_pack_in_dpo_counts_pairs_and_keeps_documents_whole():
+    cfg = _demo_with("stages.dpo.data.pack=true", "stages.dpo.data.max_seq_len=256")
+    names = [s.name for s in cfg.stages]
+    dpo, grpo = names.index("dpo"), names.index("grpo")
+    assert cfg.stages[dpo].data.pack and cfg.stages[dpo].batch.micro_size > 1  # pairs per micro-batch
+    with pytest.raises(ConfigError, match=rf"stages\[{dpo}\]\.data\.pack_mode: dpo packs whole documents"):
+        _demo_with("stages.dpo.data.pack=true", "stages.dpo.data.pack_mode=split")
+    with pytest.raises(ConfigError, match=rf"stages\[{grpo}\]\.data\.pack: only sft and dpo stages"):
+        _demo_with("stages.grpo.data.pack=true")
