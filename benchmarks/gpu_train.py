@@ -85,6 +85,20 @@ def profile_step(model, T: int, device, path) -> str:
     return f"profile T={T}: wall {wall:.2f} s, device {kernel_s:.2f} s; top: {parts}"
 
 
+def longest_step(model, lengths: list[int], device, budget: Budget, results: list):
+    """First T of `lengths` (longest first) whose one training step fits: (T, (tok/s, GiB)) or None."""
+    for T in lengths:
+        if budget.left() < 0:
+            results.append({"model": "hybrid", "T": T, "max_search": "skipped (time budget)"})
+            return None
+        res = measure(model, T, device, reps=1, warmup=0)  # one step: does it fit, and how long
+        results.append({"model": "hybrid", "T": T, "max_search": True, "tokens_per_s": res[0], "peak_gib": res[1]})
+        print(results[-1], flush=True)
+        if isinstance(res[0], float):
+            return T, res
+    return None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072, 262144, 524288])
@@ -99,19 +113,19 @@ def main() -> None:
         device, dtype, preset = torch.device("cpu"), torch.float32, "tiny-hybrid"
         args.lengths, args.max_lengths = [128, 256], [1024, 512]
         args.profile = [128] if args.profile else []
-    if args.moe_token_chunk:
-        SparseMoE.token_chunk = args.moe_token_chunk
     else:
         device, dtype, preset = torch.device("cuda"), torch.bfloat16, "small-hybrid"
+    if args.moe_token_chunk:
+        SparseMoE.token_chunk = args.moe_token_chunk
     budget = Budget(args.budget)
-    results, rows = [], {}
+    results, rows, longest = [], {}, None
     for softmax_only in (False, True):
         model = build(preset, softmax_only, device, dtype)
         n_params = sum(p.numel() for p in model.parameters())
         name = "softmax-only" if softmax_only else "hybrid"
         for T in args.lengths:
             # a softmax-only step at 512K takes ~1 min: do not start one without the time for it
-            need = 0 if T <= 131072 else (T / 131072) ** 2 * (12 if softmax_only else 3)
+            need = 0 if T <= 131072 else (T / 131072) ** 2 * (6 if softmax_only else 3)
             if budget.left() < need:
                 res = ("skipped (time budget)", None)
             elif T >= 262144:  # one step, no warm-up: kernels are compiled by now, a step takes seconds
@@ -124,20 +138,9 @@ def main() -> None:
         if not softmax_only:
             for T in args.profile:
                 print(profile_step(model, T, device, out_dir() / "profile.txt"), flush=True)
+            longest = longest_step(model, args.max_lengths, device, budget, results)
         del model
         free(device)
-    longest = None
-    model = build(preset, False, device, dtype)
-    for T in args.max_lengths:
-        if budget.left() < 0:
-            results.append({"model": "hybrid", "T": T, "max_search": "skipped (time budget)"})
-            break
-        res = measure(model, T, device, reps=1, warmup=0)  # one step: does it fit, and how long
-        results.append({"model": "hybrid", "T": T, "max_search": True, "tokens_per_s": res[0], "peak_gib": res[1]})
-        print(results[-1], flush=True)
-        if isinstance(res[0], float):
-            longest = (T, res)
-            break
     info = device_info(device) | {"preset": preset, "dtype": str(dtype), "params": n_params,
                                   "moe_token_chunk": SparseMoE.token_chunk}
     save_json("gpu_train.json", {"info": info, "results": results, "longest_hybrid_step": longest})
