@@ -5,6 +5,7 @@ import time
 import pytest
 
 from posttrain.rollout.rewards import (
+    digit_match,
     REWARDS,
     RewardConfig,
     RewardRunner,
@@ -25,6 +26,24 @@ def test_exact_match():
 )
 def test_parse_last_number(text, expected):
     assert parse_last_number(text) == expected
+
+
+@pytest.mark.parametrize("pred, gold, expected", [
+    ("42", "42", 1.0), (" 42 ", "42", 1.0),
+    ("43", "42", 0.25),  # tens digit right: 1 of 2 positions
+    ("142", "42", 0.5 * 2 / 3),  # an extra leading digit costs a position
+    ("-4", "-6", 0.25), ("24", "42", 0.0), ("", "42", 0.0), ("", "", 1.0),
+])
+def test_digit_match_partial_credit(pred, gold, expected):
+    assert digit_match(pred, gold) == pytest.approx(expected)
+
+
+def test_digit_match_orders_answers_and_never_rivals_exact():
+    gold = "-137"
+    answers = ["-137", "-136", "-126", "-026", "999", "x"]
+    scores = [digit_match(a, gold) for a in answers]
+    assert scores == sorted(scores, reverse=True) and scores[0] == 1.0
+    assert max(scores[1:]) < 0.5 and digit_match("-136", gold, partial=0.2) == pytest.approx(0.15)
 
 
 def test_numeric_tolerance():
