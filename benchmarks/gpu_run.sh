@@ -49,8 +49,18 @@ if [[ $part == c2 ]]; then  # call 2: training 8K..512K + profile + longest step
   run 40 python3 -m pytest -q -p no:cacheprovider -o faulthandler_timeout=30 tests/models/test_gpu_lightning.py \
     -k cpu_chunked 2>&1 | tee "$OUT/tests2.log" | grep -v "^ *$" | tail -40
 fi
-if [[ $part == c3 ]]; then  # call 3: decode at 32K context after the cuDNN-plan fix
-  run 300 python3 benchmarks/gpu_decode.py --budget 220 --contexts 32768 --batches 1 64 2>&1 | tee "$OUT/decode.log" | grep -v "^  \|^---\|UserWarning\|_warn_once"
+if [[ $part == c3 ]]; then  # call 3: every GPU test (the 6 never run first), then decode at 32K context
+  t=tests/models/test_gpu_lightning.py
+  run 330 python3 -m pytest -q -p no:cacheprovider --durations=0 -o faulthandler_timeout=240 $t::test_fla_matches_cpu_chunked_and_gradients \
+    $t::test_fla_varlen_equals_per_document $t::test_decode_steps_continue_prefill_state \
+    $t::test_model_prefill_and_decode_on_gpu_match_full_forward $t::test_fla_matches_float64_recurrence 2>&1 | tee "$OUT/tests.log" | tail -40
+  run 230 python3 benchmarks/gpu_decode.py --budget 170 --contexts 32768 --batches 1 64 2>&1 | tee "$OUT/decode.log" | grep -v "^  \|^---\|UserWarning\|_warn_once"
+fi
+if [[ $part == c4 ]]; then  # call 4: the last two GPU tests, softmax-only training at 512K and 1M (one step each)
+  run 90 python3 -m pytest -q -p no:cacheprovider --durations=0 tests/models/test_gpu_lightning.py \
+    -k "decode_steps or model_prefill" 2>&1 | tee "$OUT/tests.log" | tail -12
+  run 460 python3 benchmarks/gpu_train.py --models softmax-only --lengths 524288 1048576 --max-lengths --budget 500 \
+    2>&1 | tee "$OUT/train.log" | grep -v Warning
 fi
 if [[ $part == decode || $part == all ]]; then
   run 160 python3 benchmarks/gpu_decode.py --budget 110 2>&1 | tee "$OUT/decode.log" | tail -14
