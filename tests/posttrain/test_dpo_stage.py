@@ -1,6 +1,7 @@
 """The dpo stage end to end on a local Ray instance: pairs sampled from the policy, a run
-killed mid-stage resumes without regenerating pairs or reference log-probs; and (slow) on
-the demo task DPO after SFT raises held-out preference accuracy without lowering exact-match."""
+killed mid-stage resumes without regenerating pairs or reference log-probs. DPO's quality on
+the demo task (preference accuracy up, exact match kept) is checked on the demo run itself:
+tests/posttrain/test_demo_recipe.py."""
 from __future__ import annotations
 
 import json
@@ -82,36 +83,3 @@ def test_killed_dpo_run_resumes_without_regenerating(tmp_path):
     for key in ("accuracy", "pref_accuracy", "logp_accuracy", "reward_margin"):
         assert key in manifest["eval"], key
     assert list((run_dir / "plots").glob("dpo_*.png"))
-
-
-def demo_sft_dpo(run_dir: Path) -> dict:
-    """recipes/demo.yaml cut after its DPO stage (read, not copied, so the test cannot drift)."""
-    from posttrain.config import recipe_path
-
-    raw = yaml.safe_load(recipe_path("demo").read_text())
-    names = [s["name"] for s in raw["stages"]]
-    raw["stages"] = raw["stages"][: names.index("dpo") + 1]
-    raw["run_dir"] = str(run_dir)
-    return raw
-
-
-@pytest.mark.recipe
-@pytest.mark.timeout(5400)  # SFT 400 steps + DPO through Ray/DeepSpeed: ~25 min on 2 busy cores
-def test_dpo_after_sft_raises_preference_accuracy_and_keeps_exact_match(tmp_path):
-    run_dir = tmp_path / "run"
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump(demo_sft_dpo(run_dir), sort_keys=False))
-    p = cli("run", str(recipe))
-    out, _ = p.communicate(timeout=5400)
-    assert p.returncode == 0, out[-3000:]
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in rows if r["stage"] == "dpo" and r["split"] == "eval"]
-    before, after = evals[0], evals[-1]
-    print(f"held-out preference accuracy {before['pref_accuracy']:.3f} -> {after['pref_accuracy']:.3f}, "
-          f"log-prob ranking {before['logp_accuracy']:.3f} -> {after['logp_accuracy']:.3f}, "
-          f"exact match {before['accuracy']:.3f} -> {after['accuracy']:.3f}")
-    assert before["step"] == 0 and before["pref_accuracy"] == 0.5  # policy == reference: all ties
-    assert after["pref_accuracy"] >= 0.6
-    assert after["logp_accuracy"] > before["logp_accuracy"]
-    # 300 held-out problems at ~12% exact match: one binomial std is ~0.019
-    assert after["accuracy"] >= before["accuracy"] - 0.02

@@ -183,8 +183,8 @@ def _stage_ctx(tok, tmp_path, recipe):
 def test_data_mix_adds_short_task_examples_to_the_packed_long_stage(tok, tmp_path):
     from posttrain.stages.sft import mix_examples
 
-    recipe = load_recipe("long_context", ["stages.long_sft.data.task_args.n_train=20"])
-    cfg = recipe.stages[1]
+    recipe = load_recipe("demo", ["stages.long_sft.data.task_args.n_train=20"])
+    cfg = next(s for s in recipe.stages if s.name == "long_sft")
     assert cfg.data.mix and cfg.data.mix[0].task == "arithmetic"
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(
         cfg.data, mix=[dataclasses.replace(cfg.data.mix[0], max_examples=30)]))
