@@ -1,4 +1,4 @@
-"""Shared fixtures: one local Ray instance per test session (dashboard off)."""
+"""Shared fixtures: one local Ray instance per test session (dashboard off); torch on one thread."""
 from __future__ import annotations
 
 import os
@@ -17,3 +17,14 @@ def ray_local():
         ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (the machines are 2-core and shared), restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
