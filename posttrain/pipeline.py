@@ -117,13 +117,18 @@ def token_ids(tokenizer: Any) -> dict[str, Any]:
             "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
 
 
+# Columns of the end-of-run table: the held-out numbers people look for first, per stage kind.
+HEADLINE = {"accuracy": "accuracy", "n": "n", "loss": "loss", "pref_accuracy": "pref acc",
+            "pref_pairs": "pairs", "logp_accuracy": "logp acc"}
+
+
 def summary_table(summary: dict[str, Any]) -> Table:
-    keys: list[str] = []
-    for st in summary["stages"]:
-        keys += [k for k in st["eval"] if k not in keys and isinstance(st["eval"][k], (int, float))]
-    table = Table(title=f"{summary['recipe']}: per-stage eval")
-    for col in ["stage", "kind", *keys]:
-        table.add_column(col)
+    """One row per stage: its headline held-out metrics (whichever it has), the rest in
+    summary.json. Fits an 80-column terminal."""
+    keys = [k for k in HEADLINE if any(isinstance(st["eval"].get(k), (int, float)) for st in summary["stages"])]
+    table = Table(title=f"{summary['recipe']}: per-stage held-out eval (all metrics: summary.json)")
+    for col in ["stage", "kind", *(HEADLINE[k] for k in keys)]:
+        table.add_column(col, no_wrap=True)
     for st in summary["stages"]:
         table.add_row(st["name"], st["kind"], *[_fmt(st["eval"].get(k)) for k in keys])
     return table
@@ -132,7 +137,9 @@ def summary_table(summary: dict[str, Any]) -> Table:
 def _fmt(v: Any) -> str:
     if v is None:
         return "-"
-    return f"{v:.4f}" if isinstance(v, float) else str(v)
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
 def _yaml_safe(obj: Any) -> Any:
