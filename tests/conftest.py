@@ -28,3 +28,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tok():
+    """The char tokenizer the demo uses (built from its fixed alphabet, no files)."""
+    from posttrain.data import build_tokenizer
+
+    return build_tokenizer("char")

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from posttrain.config import ModelConfig
-from posttrain.data import Example, build_tokenizer
+from posttrain.data import Example
 from posttrain.models import build_model
 from posttrain.objectives import dpo_objective, reference_logprobs
 from posttrain.pipeline import token_ids
@@ -18,11 +18,6 @@ from posttrain.stages.dpo_pairs import Pair, collate_pairs, with_reference
 torch.set_num_threads(1)
 # The router loss is a product of batch means (not additive over micro-batches): off here.
 MODEL = ModelConfig(preset="tiny-hybrid", overrides={"router_aux_loss_coef": 0.0})
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer("char")
 
 
 @pytest.fixture()

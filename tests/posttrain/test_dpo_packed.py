@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from posttrain.config import ModelConfig
-from posttrain.data import DataError, Example, build_tokenizer, load_records
+from posttrain.data import DataError, Example, load_records
 from posttrain.data.collate import IGNORE_INDEX
 from posttrain.models import build_model, set_gradient_checkpointing
 from posttrain.objectives import (
@@ -29,11 +29,6 @@ LIGHTNING_CHUNK = 64  # HybridModel.forward's default chunk_size
 # (prompt, chosen response, rejected response) lengths in tokens: documents of 19 to 131 tokens
 LENGTHS = [(12, 40, 7), (30, 101, 55), (5, 14, 60), (20, 3, 90), (41, 25, 25)]
 KNOBS = dict(beta=0.3, loss_type="sigmoid", label_smoothing=0.1, rpo_alpha=0.5, chunk_size=48)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer("char")
 
 
 def make_model(tok, aux_coef: float = 0.0):

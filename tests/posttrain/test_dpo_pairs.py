@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from posttrain.config import ConfigError, DPOStageConfig, ModelConfig, PairsConfig, load_recipe
-from posttrain.data import DataError, build_tokenizer, encode_preference, load_records, write_task
+from posttrain.data import DataError, encode_preference, load_records, write_task
 from posttrain.models import build_model
 from posttrain.pipeline import token_ids
 from posttrain.stages.dpo import split_off
@@ -19,11 +19,6 @@ from posttrain.stages.dpo_pairs import (
 )
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer("char")
 
 
 @pytest.fixture(scope="module")

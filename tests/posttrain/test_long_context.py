@@ -15,7 +15,7 @@ import torch
 from posttrain.config import (
     ConfigError, DataConfig, LearnerConfig, ModelConfig, OptimConfig, ScheduleConfig, load_recipe, recipe_path,
 )
-from posttrain.data import build_tokenizer, collate, collate_packed, load_records, pack, write_task
+from posttrain.data import collate, collate_packed, load_records, pack, write_task
 from posttrain.evals import cell_accuracy, has_cells, plot_cells, _per_cell_limit
 from posttrain.models import build_model, load_model
 from posttrain.objectives import sft_objective
@@ -23,11 +23,6 @@ from posttrain.pipeline import stage_model_config, token_ids
 from posttrain.stages.sft import encode, micro_batches, n_targets, training_units
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer("char")
 
 
 @pytest.fixture(scope="module")
