@@ -1,4 +1,9 @@
-"""Evaluations that need more than one accuracy number: retrieval accuracy per context cell.
+"""Held-out evaluation of generated answers, shared by every stage kind.
+
+`held_out_eval` greedy-decodes the eval prompts and returns {"accuracy", "n"}; when every row
+carries `length` and `depth` metadata (long-context retrieval) it is `needle_eval`, which also
+reports accuracy per context cell and draws a heatmap. So an sft, dpo or rl stage on the needle
+task reports the same cells.
 
 `needle_eval` greedy-decodes every eval prompt (through the rollout engines on learner rank
 0, like posttrain.stages.common.exact_match_eval), checks it against its answer and groups
@@ -76,7 +81,6 @@ def greedy_hits(ctx: Any, learners: Any, records: Sequence[Any], check: Callable
     """Greedy-decode each record's prompt on learner rank 0; hit = check(decoded text, answer)."""
     from posttrain.data import encode_prompt
     from posttrain.generation import greedy_generate
-    from posttrain.stages.common import _reference
 
     prompts = [encode_prompt(r, ctx.tokenizer) for r in records]
     outs = learners.call_rank0(greedy_generate, prompts, max_new_tokens=max_new_tokens,
@@ -85,20 +89,45 @@ def greedy_hits(ctx: Any, learners: Any, records: Sequence[Any], check: Callable
             for r, ids in zip(records, outs)]
 
 
+def _reference(rec: Any) -> str:
+    for key in ("answer", "completion"):
+        if hasattr(rec, key):
+            return getattr(rec, key)
+    raise ValueError(f"eval record {type(rec).__name__} has no reference answer")
+
+
+def held_out_eval(ctx: Any, learners: Any, records: Sequence[Any], task: Optional[str], cfg: EvalConfig, *,
+                  stage: str, step: int) -> dict[str, Any]:
+    """Greedy exact match on the first `eval.limit` rows ({"accuracy", "n"}; {} without rows),
+    or `needle_eval` when the rows carry (length, depth) cells. `task` picks the answer check
+    (the task's own `check`; without a task, stripped string equality)."""
+    records = list(records)
+    if not records:
+        return {}
+    if has_cells(records):
+        return needle_eval(ctx, learners, records, task, cfg, stage=stage, step=step)
+    records = records[: cfg.limit] if cfg.limit else records
+    hits = greedy_hits(ctx, learners, records, answer_check(task), cfg.max_new_tokens)
+    return {"accuracy": sum(hits) / len(hits), "n": len(hits)}
+
+
+def answer_check(task: Optional[str]) -> Callable[[str, str], bool]:
+    from posttrain.data import TASKS
+
+    return TASKS[task].check if task else (lambda text, ref: text.strip() == str(ref).strip())
+
+
 def needle_eval(ctx: Any, learners: Any, records: Sequence[Any], task: Optional[str], cfg: EvalConfig, *,
                 stage: str, step: int) -> dict[str, Any]:
     """Retrieval accuracy overall and per (length, depth) cell; writes
     <run_dir>/plots/<stage>_needle_step<step>.png. `eval.limit` takes the first rows of
     each cell (not of the file), so every cell stays represented."""
-    from posttrain.data import TASKS
-
     records = list(records)
     if not has_cells(records):
         raise ValueError(f"{stage}: needle eval needs `length` and `depth` on every eval row")
     if cfg.limit:
         records = _per_cell_limit(records, cfg.limit)
-    check = TASKS[task].check if task else (lambda text, ref: text.strip() == str(ref).strip())
-    hits = greedy_hits(ctx, learners, records, check, cfg.max_new_tokens)
+    hits = greedy_hits(ctx, learners, records, answer_check(task), cfg.max_new_tokens)
     cells = cell_accuracy([r.meta["length"] for r in records], [r.meta["depth"] for r in records], hits)
     accuracy = sum(hits) / len(hits)
     plot = plot_cells(cells, ctx.run_dir / "plots" / f"{stage}_needle_step{step}.png",

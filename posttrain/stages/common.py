@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional, Sequence
 from rich.console import Console
 
 from posttrain.checkpoint import atomic_dir, clean_temp, write_json_atomic
-from posttrain.config import CheckpointConfig, DataConfig, EvalConfig, RecipeConfig
+from posttrain.config import CheckpointConfig, DataConfig, RecipeConfig
 from posttrain.metrics import MetricsLogger, plot_stage
 
 
@@ -105,35 +105,6 @@ def shard(items: Sequence[Any], world_size: int, micro_size: int) -> list[list[l
     return [[list(r[i:i + micro_size]) for i in range(0, len(r), micro_size)] for r in ranks]
 
 
-# ------------------------------------------------------------------------------ eval
-def exact_match_eval(ctx: StageContext, learners: Any, records: Sequence[Any], task: Optional[str],
-                     cfg: EvalConfig) -> dict[str, float]:
-    """Greedy-decode each eval prompt on learner rank 0 and compare with its answer."""
-    from posttrain.data import TASKS, encode_prompt
-    from posttrain.generation import greedy_generate
-
-    records = list(records)[: cfg.limit] if cfg.limit else list(records)
-    if not records:
-        return {}
-    prompts = [encode_prompt(r, ctx.tokenizer) for r in records]
-    stop = [ctx.tokenizer.eos_token_id]
-    outs = learners.call_rank0(greedy_generate, prompts, max_new_tokens=cfg.max_new_tokens, stop_token_ids=stop)
-    check = TASKS[task].check if task else (lambda text, ref: text.strip() == str(ref).strip())
-    hits = 0
-    for rec, ids in zip(records, outs):
-        text = ctx.tokenizer.decode(ids, skip_special_tokens=True)
-        hits += bool(check(text, _reference(rec)))
-    return {"accuracy": hits / len(records), "n": len(records)}
-
-
-def _reference(rec: Any) -> str:
-    for key in ("answer", "completion"):
-        if hasattr(rec, key):
-            return getattr(rec, key)
-    raise ValueError(f"eval record {type(rec).__name__} has no reference answer")
-
-
-# ------------------------------------------------------------------- state & outputs
 def latest_state(ctx: StageContext) -> Optional[Path]:
     """The newest complete resumable state of this stage (temp dirs are ignored)."""
     clean_temp(ctx.state_root)

@@ -28,10 +28,11 @@ from typing import Any, Optional, TypeVar
 from posttrain.checkpoint import write_json_atomic
 from posttrain.config import DPOStageConfig
 from posttrain.data import load_records
+from posttrain.evals import held_out_eval
 from posttrain.objectives import dpo_objective
 from posttrain.progress import stage_progress
 from posttrain.stages.common import (
-    StageContext, batch_indices, exact_match_eval, end_of_step, finish_stage, resume_step, shard, task_files,
+    StageContext, batch_indices, end_of_step, finish_stage, resume_step, shard, task_files,
 )
 from posttrain.stages.dpo_pairs import (
     Pair, compute_reference, encode_pairs, fingerprint, generate_pair_rows, preference_batch, with_reference,
@@ -66,7 +67,7 @@ def run_dpo(ctx: StageContext, cfg: DPOStageConfig, learners: Any) -> dict[str, 
     start = resume_step(ctx, learners, cfg.name)
 
     def evaluate(step: int) -> dict[str, Any]:
-        metrics = exact_match_eval(ctx, learners, task_records, cfg.data.task, cfg.eval)
+        metrics = held_out_eval(ctx, learners, task_records, cfg.data.task, cfg.eval, stage=cfg.name, step=step)
         metrics.update(preference_eval(learners, eval_pairs, pad_id, cfg.batch.micro_size, knobs, pack_len))
         ctx.logger.log(cfg.name, "eval", step, metrics)
         return metrics

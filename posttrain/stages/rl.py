@@ -34,11 +34,12 @@ from posttrain.algorithms import (
 from posttrain.config import RLStageConfig
 from posttrain.data import encode_prompt
 from posttrain.data.collate import IGNORE_INDEX
+from posttrain.evals import held_out_eval
 from posttrain.objectives import RL_OBJECTIVES, RLBatch, recompute_logprobs
 from posttrain.progress import stage_progress
 from posttrain.rollout import Completion, RewardConfig, RewardRunner, RolloutConfig, SamplingParams
 from posttrain.stages.common import (
-    StageContext, batch_indices, exact_match_eval, end_of_step, finish_stage, resume_step, load_split,
+    StageContext, batch_indices, end_of_step, finish_stage, resume_step, load_split,
     resolve_data_paths, shard,
 )
 
@@ -85,7 +86,7 @@ def run_rl(ctx: StageContext, cfg: RLStageConfig, learners: Any) -> dict[str, An
         return generate_with_recovery(rollouts, sync, prompt_ids, params, ctx.console)
 
     def evaluate(step: int) -> dict[str, Any]:
-        metrics = exact_match_eval(ctx, learners, eval_records, cfg.data.task, cfg.eval)
+        metrics = held_out_eval(ctx, learners, eval_records, cfg.data.task, cfg.eval, stage=cfg.name, step=step)
         ctx.logger.log(cfg.name, "eval", step, metrics)
         return metrics
 

@@ -20,11 +20,11 @@ from typing import Any, Sequence, Union
 from posttrain.config import DataConfig, SFTStageConfig
 from posttrain.data import Batch, Example, PackedRow, collate, collate_packed, encode_sft, pack
 from posttrain.data.collate import IGNORE_INDEX
-from posttrain.evals import has_cells, needle_eval
+from posttrain.evals import held_out_eval
 from posttrain.objectives import sft_objective
 from posttrain.progress import stage_progress
 from posttrain.stages.common import (
-    StageContext, batch_indices, exact_match_eval, end_of_step, finish_stage, resume_step, load_split,
+    StageContext, batch_indices, end_of_step, finish_stage, resume_step, load_split,
     resolve_data_paths, shard,
 )
 
@@ -49,10 +49,8 @@ def run_sft(ctx: StageContext, cfg: SFTStageConfig, learners: Any) -> dict[str, 
     start = resume_step(ctx, learners, cfg.name)
 
     def evaluate(step: int) -> dict[str, Any]:
-        if has_cells(eval_records):  # long-context retrieval: accuracy per (length, depth)
-            metrics = needle_eval(ctx, learners, eval_records, cfg.data.task, cfg.eval, stage=cfg.name, step=step)
-        else:
-            metrics = exact_match_eval(ctx, learners, eval_records, cfg.data.task, cfg.eval)
+        # exact match; long-context retrieval rows: accuracy per (length, depth) + heatmap
+        metrics = held_out_eval(ctx, learners, eval_records, cfg.data.task, cfg.eval, stage=cfg.name, step=step)
         metrics.update(eval_loss(ctx, cfg, learners, eval_records))
         ctx.logger.log(cfg.name, "eval", step, metrics)
         return metrics

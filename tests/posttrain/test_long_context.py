@@ -239,3 +239,40 @@ def test_config_pack_in_dpo_counts_pairs_and_keeps_documents_whole():
         _demo_with("stages.dpo.data.pack=true", "stages.dpo.data.pack_mode=split")
     with pytest.raises(ConfigError, match=rf"stages\[{grpo}\]\.data\.pack: only sft and dpo stages"):
         _demo_with("stages.grpo.data.pack=true")
+
+
+def test_held_out_eval_scores_cells_for_needle_rows_and_plain_accuracy_otherwise(tok, tmp_path):
+    """Every stage kind scores its eval through held_out_eval. Reference: the model's own greedy
+    outputs, computed here directly; half the rows get that output as their answer (hits), the
+    other half a different one, so the expected accuracy and every cell's are known exactly."""
+    from posttrain.config import EvalConfig
+    from posttrain.data import encode_prompt
+    from posttrain.evals import held_out_eval
+    from posttrain.generation import greedy_generate
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(preset="tiny-hybrid", overrides={"num_hidden_layers": 2}), vocab_size=tok.vocab_size,
+                        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id).eval()
+    files = write_task("needle", tmp_path / "needle", n_train=2, n_eval_per_cell=2, lengths=[40, 96], depths=[0.0, 1.0], seed=1)
+    rows = load_records(files["rl_eval"], "rl").records
+    outs = greedy_generate(model, [encode_prompt(r, tok) for r in rows], max_new_tokens=3, stop_token_ids=[tok.eos_token_id])
+    own = [tok.decode(o, skip_special_tokens=True) for o in outs]
+    rows = [dataclasses.replace(r, answer=own[i] if i % 2 == 0 else own[i] + "x") for i, r in enumerate(rows)]
+
+    class RankZero:  # LearnerGroup.call_rank0 on the local model
+        @staticmethod
+        def call_rank0(fn, *args, **kw):
+            return fn(model, *args, **kw)
+
+    ctx = _stage_ctx(tok, tmp_path, load_recipe(recipe_path("demo")))
+    cfg = EvalConfig(every=0, max_new_tokens=3)
+    m = held_out_eval(ctx, RankZero, rows, None, cfg, stage="rl", step=7)
+    assert m["accuracy"] == 0.5 and m["n"] == 8
+    assert [(c["length"], c["depth"], c["accuracy"], c["n"]) for c in m["needle"]["cells"]] == [
+        (40, 0.0, 0.5, 2), (40, 1.0, 0.5, 2), (96, 0.0, 0.5, 2), (96, 1.0, 0.5, 2)]
+    assert m["needle"]["plot"].endswith("rl_needle_step7.png")
+    # rows without (length, depth): plain exact match on the first `limit` rows
+    plain = [dataclasses.replace(r, meta={}) for r in rows]
+    assert held_out_eval(ctx, RankZero, plain, None, dataclasses.replace(cfg, limit=3), stage="rl", step=0) == {
+        "accuracy": 2 / 3, "n": 3}
+    assert held_out_eval(ctx, RankZero, [], None, cfg, stage="rl", step=0) == {}
