@@ -6,12 +6,14 @@ moves the metric it exists for, on held-out data.
             arithmetic it mixes in keeps the short task's exact match
   dpo       held-out preference accuracy from 0.5 (ties) to >= 0.6, exact match not lower
             (beyond one binomial standard error)
-  grpo      exact match not lower than dpo's, cispo not lower than grpo's (beyond two standard
-            errors), every step logging the issue's metrics, one weight sync per step
+  grpo      held-out retrieval exact match (216 problems at 64-256 tokens) raised by more than
+            one binomial standard error over the dpo checkpoint's
+  cispo     raised again by more than one standard error over grpo's; every RL step logs the
+            issue's metrics and syncs weights once; the final model's arithmetic exact match
+            stays within two standard errors of dpo's (RL on one task does not cost the other)
 
-What is not asserted, because it does not hold at this scale: that GRPO and then CISPO each
-*raise* exact match (measured: +0.017, then -0.009; docs/demo.md has the investigation). That
-the RL update optimises its reward is proven in tests/posttrain/test_rl_learns.py.
+The RL stages train on the retrieval task, not the arithmetic: at this model size RL on the
+arithmetic moved exact match by about one standard error whatever the settings (docs/demo.md).
 
 One run serves all checks: the demo is the product's first impression and the slowest test.
 """
@@ -97,13 +99,52 @@ def test_dpo_raises_preference_accuracy_and_keeps_exact_match(demo):
     assert after["accuracy"] >= before["accuracy"] - se, (before["accuracy"], after["accuracy"])
 
 
-def test_grpo_and_cispo_train_and_keep_exact_match(demo):
-    _, _, rows, _, evals = demo
-    acc = {s: evals[s][-1]["accuracy"] for s in ("dpo", "grpo", "cispo")}
-    assert evals["grpo"][0]["accuracy"] == acc["dpo"]  # each stage starts where the last ended
-    n = evals["grpo"][-1]["n"]
-    assert acc["grpo"] >= acc["dpo"] - 2 * binomial_se(acc["dpo"], n), acc
-    assert acc["cispo"] >= acc["grpo"] - 2 * binomial_se(acc["grpo"], n), acc
+def test_grpo_then_cispo_each_raise_held_out_retrieval(demo):
+    raw, _, _, _, evals = demo
+    stages = {s["name"]: s for s in raw["stages"]}
+    grpo_args, cispo_args = (stages[s]["data"]["task_args"] for s in ("grpo", "cispo"))
+    assert stages["grpo"]["data"]["task"] == stages["cispo"]["data"]["task"] == "needle"
+    # the same held-out rows for both stages: the eval rows depend only on these arguments
+    # (and the recipe seed)
+    same = ("eval_lengths", "depths", "n_eval_per_cell", "filler", "key_chars", "value_digits")
+    assert all(grpo_args[k] == cispo_args[k] for k in same)
+    n = evals["grpo"][0]["n"]
+    assert n == evals["cispo"][-1]["n"] == 216
+    start, after_grpo = evals["grpo"][0]["accuracy"], evals["grpo"][-1]["accuracy"]
+    assert evals["cispo"][0]["accuracy"] == after_grpo  # the stage starts where grpo ended
+    after_cispo = evals["cispo"][-1]["accuracy"]
+    assert after_grpo > start + binomial_se(start, n), (start, after_grpo)
+    assert after_cispo > after_grpo + binomial_se(after_grpo, n), (after_grpo, after_cispo)
+    for stage in ("grpo", "cispo"):  # per-cell retrieval and its heatmap, like long_sft's
+        final = evals[stage][-1]
+        assert sum(c["n"] for c in final["needle"]["cells"]) == n
+        assert Path(final["needle"]["plot"]).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_final_model_keeps_arithmetic(demo):
+    """RL trained on retrieval only: the arithmetic the model learned before must survive it."""
+    from posttrain.config import ModelConfig
+    from posttrain.data import TASKS, encode_prompt, load_records, load_tokenizer
+    from posttrain.generation import greedy_generate
+    from posttrain.models import load_model
+
+    _, run_dir, _, _, evals = demo
+    tok = load_tokenizer(str(run_dir / "tokenizer"))
+    (eval_file,) = run_dir.glob("data/arithmetic-*/rl_eval.jsonl")
+    records = load_records(eval_file, "rl").records
+    final = str(run_dir / "stages" / "04-cispo" / "final")
+    model = load_model(final, ModelConfig(path=final))
+    outs = greedy_generate(model, [encode_prompt(r, tok) for r in records], max_new_tokens=8,
+                           stop_token_ids=[tok.eos_token_id])
+    acc = sum(TASKS["arithmetic"].check(tok.decode(o, skip_special_tokens=True), r.answer)
+              for r, o in zip(records, outs)) / len(records)
+    dpo = evals["dpo"][-1]
+    assert len(records) == dpo["n"]
+    assert acc >= dpo["accuracy"] - 2 * binomial_se(dpo["accuracy"], dpo["n"]), (dpo["accuracy"], acc)
+
+
+def test_rl_stages_log_every_metric_and_sync_each_step(demo):
+    _, _, rows, _, _ = demo
     for stage in ("grpo", "cispo"):
         train = [r for r in rows if r["stage"] == stage and r["split"] == "train"]
         assert train and RL_KEYS <= set(train[-1]), RL_KEYS - set(train[-1])
