@@ -6,7 +6,7 @@ reports accuracy per context cell and draws a heatmap. So an sft, dpo or rl stag
 task reports the same cells.
 
 `needle_eval` greedy-decodes every eval prompt (through the rollout engines on learner rank
-0, like posttrain.stages.common.exact_match_eval), checks it against its answer and groups
+0, like the plain exact-match path), checks it against its answer and groups
 the hits by the row's `length` and `depth` metadata (posttrain.data.tasks.needle writes them;
 any prompt_completion / rl file with those two keys works). It returns
 
