@@ -8,6 +8,9 @@ Losses return ``(loss, metrics)`` with ``metrics`` a dict of detached 0-dim tens
 from .advantages import SCALES, balanced_advantages, group_advantages
 from .aggregation import AGGREGATIONS, aggregate_token_loss, token_count
 from .corrections import mismatch_metrics, rollout_correction
+from .custom import (
+    call_policy_loss, call_preference_loss, policy_loss_signature_error, preference_loss_signature_error,
+)
 from .dpo import DPO_LOSSES, dpo_loss
 from .entropy import token_entropy, token_logprobs
 from .filters import TRUNCATED_REASONS, dynamic_sampling_mask, overlong_penalty, truncation_mask
@@ -24,6 +27,8 @@ __all__ = [
     "TRUNCATED_REASONS",
     "aggregate_token_loss",
     "balanced_advantages",
+    "call_policy_loss",
+    "call_preference_loss",
     "cispo_loss",
     "dpo_loss",
     "dynamic_sampling_mask",
@@ -33,6 +38,8 @@ __all__ = [
     "kl_penalty",
     "mismatch_metrics",
     "overlong_penalty",
+    "policy_loss_signature_error",
+    "preference_loss_signature_error",
     "rollout_correction",
     "sft_loss",
     "token_count",

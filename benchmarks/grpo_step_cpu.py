@@ -32,17 +32,13 @@ def main() -> None:
     args = parser.parse_args()
 
     from posttrain.cluster import LearnerGroup, RolloutGroup, start_ray, stop_ray
-    from posttrain.config import (
-        ClusterConfig, DataConfig, ModelConfig, RecipeConfig, RLFilterConfig, RLRolloutConfig,
-        RLSamplingConfig, RLStageConfig,
-    )
-    from posttrain.data import build_tokenizer, encode_prompt, load_tokenizer, write_task
+    from posttrain.config import ClusterConfig, DataConfig, ModelConfig, RLStageConfig
+    from posttrain.data import build_tokenizer, encode_prompt, load_tokenizer, token_ids, write_task
     from posttrain.metrics import MetricsLogger
-    from posttrain.objectives import RL_OBJECTIVES
-    from posttrain.pipeline import token_ids
-    from posttrain.rollout import RewardConfig, RewardRunner, RolloutConfig
+    from posttrain.objectives import PolicyObjective
+    from posttrain.rollout import RewardRunner, RolloutConfig, SamplingConfig
     from posttrain.stages.common import StageContext, load_split
-    from posttrain.stages.rl import PhaseTimer, collect_samples, generate_with_recovery, learn, loss_knobs
+    from posttrain.stages.rl import FilterConfig, PhaseTimer, collect_samples, generate_with_recovery, learn
     from posttrain.weight_sync import ObjectStoreWeightSync
 
     console = Console()
@@ -50,13 +46,13 @@ def main() -> None:
     tok = load_tokenizer(args.checkpoint) if args.checkpoint else build_tokenizer("char")
     cluster = ClusterConfig(num_cpus=args.num_cpus, rollout_workers=args.workers)
     model = ModelConfig(preset="tiny-hybrid")
-    sampling = RLSamplingConfig(group_size=args.group, max_new_tokens=args.max_new_tokens)
-    cfg = RLStageConfig(name="bench", kind="rl", data=DataConfig(format="rl", task="arithmetic"), steps=args.steps + 1,
-                        rollout=RLRolloutConfig(prompts_per_step=args.prompts, sampling=sampling),
-                        filters=RLFilterConfig(dynamic_sampling=False), updates_per_batch=args.updates,
+    sampling = SamplingConfig(n=args.group, max_new_tokens=args.max_new_tokens)
+    cfg = RLStageConfig(name="bench", data=DataConfig(format="rl", task="arithmetic"), steps=args.steps + 1,
+                        prompts_per_step=args.prompts, sampling=sampling, rollout=RolloutConfig(engine="native"),
+                        filters=FilterConfig(dynamic_sampling=False), updates_per_batch=args.updates,
                         micro_size=args.prompts * args.group)
-    recipe = RecipeConfig(name="bench", model=model, stages=[cfg], cluster=cluster)
-    ctx = StageContext(recipe, tmp, tmp / "stage", tok, tmp, args.checkpoint, MetricsLogger(tmp), console, seed=0)
+    ctx = StageContext(model, cluster, 0, tmp, tmp / "stage", tok, tmp, args.checkpoint, MetricsLogger(tmp), console,
+                       seed=0)
     files = write_task("arithmetic", tmp / "data", seed=0, n_train=2000, n_eval=100)
     records = load_split(Path(files["rl_train"]), cfg.data, console)
     prompts = [encode_prompt(r, tok) for r in records]
@@ -65,11 +61,11 @@ def main() -> None:
     ids = token_ids(tok)
     learners = LearnerGroup(cluster, model, args.checkpoint, token_ids=ids, seed=0)
     learners.configure(cfg.optim, cfg.schedule, cfg.learner, cfg.steps * cfg.updates_per_batch)
-    rollouts = RolloutGroup(cluster, RolloutConfig(engine="native", max_slots=64), model, args.checkpoint, token_ids=ids)
+    rollouts = RolloutGroup(cluster, cfg.rollout, model, args.checkpoint, token_ids=ids)
     sync = ObjectStoreWeightSync(learners, rollouts, bucket_mb=cfg.rollout.weight_bucket_mb)
     sync.push(0)
-    rewards = RewardRunner(RewardConfig(fn="exact_match"))
-    objective, knobs = RL_OBJECTIVES["grpo"], loss_knobs(cfg)
+    rewards = RewardRunner(cfg.reward)
+    objective = PolicyObjective(cfg.loss, cfg.sampling, cfg.correction, chunk_size=cfg.learner.loss_chunk_size)
 
     def generate(p, params):
         return generate_with_recovery(rollouts, sync, p, params, console)
@@ -81,7 +77,7 @@ def main() -> None:
             timer = PhaseTimer()
             samples, metrics = collect_samples(ctx, cfg, step, prompts, records, generate, rewards, timer)
             with timer("learner"):
-                learn(ctx, cfg, learners, None, samples, objective, knobs, step)
+                learn(ctx, cfg, learners, None, samples, objective, step)
             with timer("sync"):
                 sync.push(step + 1)
             if step > 0:

@@ -23,7 +23,10 @@ from posttrain.data.tokenize import (
     encode_sft,
     encode_sft_dataset,
 )
-from posttrain.data.tokenizer import SPECIAL_TOKENS, build_tokenizer, load_tokenizer, save_tokenizer
+from posttrain.data.tokenizer import (
+    SPECIAL_TOKENS, TokenizerConfig, build_tokenizer, load_tokenizer, save_tokenizer, token_ids,
+)
+from posttrain.data.config import DataConfig, MixSource
 
 __all__ = [
     "IGNORE_INDEX", "Batch", "collate",
@@ -32,5 +35,6 @@ __all__ = [
     "PackedRow", "block_causal_mask", "collate_packed", "pack",
     "TASKS", "Task", "write_task",
     "EncodeStats", "Example", "encode_preference", "encode_prompt", "encode_sft", "encode_sft_dataset",
-    "SPECIAL_TOKENS", "build_tokenizer", "load_tokenizer", "save_tokenizer",
+    "SPECIAL_TOKENS", "TokenizerConfig", "build_tokenizer", "load_tokenizer", "save_tokenizer", "token_ids",
+    "DataConfig", "MixSource",
 ]

@@ -13,7 +13,7 @@ token t + 1 from the prefix ending at t. Padding is on the right with `pad_id`;
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -64,3 +64,14 @@ def collate(examples: Sequence[Example], pad_id: int) -> Batch:
         attention_mask[b, :n] = 1
     position_ids = torch.arange(width, dtype=torch.long).unsqueeze(0).expand(B, width).contiguous()
     return Batch(input_ids, targets, position_ids, attention_mask)
+
+
+def to_device(batch: Any, device: Any) -> Any:
+    """A micro-batch dataclass (Batch, or an objective's batch type) with every tensor field on
+    `device`; other fields unchanged. CPU batches are returned as they are."""
+    import dataclasses
+
+    if getattr(device, "type", device) == "cpu":
+        return batch
+    moved = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
+    return dataclasses.replace(batch, **{k: v.to(device) for k, v in moved.items() if torch.is_tensor(v)})

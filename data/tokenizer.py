@@ -37,7 +37,8 @@ import shutil
 import string
 import tempfile
 from pathlib import Path
-from typing import Iterable
+from dataclasses import dataclass
+from typing import Any, Iterable, Literal, Optional
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -59,6 +60,25 @@ CHAT_TEMPLATE = (
 )
 
 KINDS = ("char", "bpe")
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """The run's tokenizer (the recipe's `tokenizer:`), built or copied once into the run dir."""
+
+    kind: Literal["char", "path"] = "char"  # char: one token per printable character (digits single tokens)
+    path: Optional[str] = None  # kind path: a saved Hugging Face tokenizer directory
+
+    def __post_init__(self) -> None:
+        if self.kind == "path" and (not self.path or not Path(self.path).is_dir()):
+            raise ValueError(f"path: directory not found: {self.path}")
+
+
+def token_ids(tokenizer: Any) -> dict[str, Any]:
+    """What a fresh model needs from the tokenizer: vocabulary size and special ids (the keyword
+    arguments of posttrain.models.build_model)."""
+    return {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
 
 
 def build_tokenizer(

@@ -1,4 +1,4 @@
-"""Atomic writes: a reader (or a resumed run) sees a complete directory or none.
+"""Checkpoints and atomic writes: a reader (or a resumed run) sees a complete directory or none.
 
 Everything is written into a hidden sibling temp dir and moved into place with one
 rename; a crash mid-write leaves only a temp dir that the next run deletes.
@@ -6,11 +6,30 @@ rename; a crash mid-write leaves only a temp dir that the next run deletes.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
+
+from posttrain.data.io import write_json_atomic, write_jsonl_atomic
+
+__all__ = ["CheckpointConfig", "atomic_dir", "clean_temp", "write_json_atomic", "write_jsonl_atomic"]
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """When a stage writes resumable state (the recipe's `stages[i].checkpoint:`); the final
+    Hugging Face checkpoint is always written at the stage's end."""
+
+    every: int = 0  # optimizer steps between resumable states; 0: only at the stage's end
+    keep_last: int = 1  # resumable states kept (older ones are deleted)
+
+    def __post_init__(self) -> None:
+        if not self.every >= 0:
+            raise ValueError(f"every: must be >= 0 (0: only at the end), got {self.every}")
+        if not self.keep_last >= 1:
+            raise ValueError(f"keep_last: must be >= 1, got {self.keep_last}")
 
 
 @contextlib.contextmanager
@@ -32,17 +51,6 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     os.replace(tmp, target)
     shutil.rmtree(old, ignore_errors=True)
     _fsync_dir(target.parent)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def clean_temp(parent: Path) -> None:

@@ -8,11 +8,48 @@ rank 0's answer (metrics are already all-reduced by the learner). `RolloutGroup`
 from __future__ import annotations
 
 import os
+import re
 import socket
-from dataclasses import replace
-from typing import Any, Optional, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Optional, Sequence
 
-from posttrain.config import ClusterConfig, ModelConfig
+from posttrain.models import ModelConfig
+from posttrain.objectives.common import Objective, StepCounts
+
+# `auto`, `host:port` or `ray://host:port` (Ray Client); the host a name or an IPv4 address.
+_ADDRESS = re.compile(r"^(auto|(ray://)?[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?:\d{1,5})$")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Where the processes run (the recipe's `cluster:`)."""
+
+    address: Optional[str] = None  # null: start a local Ray instance; else join `auto`, host:port or ray://host:port
+    num_cpus: Optional[int] = None  # CPUs of the local Ray instance (default: all)
+    learners: int = 1  # DeepSpeed data-parallel ranks (one Ray actor each)
+    rollout_workers: int = 1  # rollout actors of an rl stage
+    cpus_per_learner: float = 1.0  # Ray CPU resource each learner reserves
+    cpus_per_rollout_worker: float = 0.0  # Ray CPU resource each rollout worker reserves
+    # torch intra-op threads in each learner and rollout process. 1 by default: learners and
+    # workers share the machine, and oversubscribed OpenMP threads spin - a tiny-model SFT
+    # step measured 0.27 s with 1 thread and 2.4 s with 2 on a busy 2-core machine.
+    torch_threads: int = 1
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.address is None or bool(_ADDRESS.match(self.address)), "address",
+             f"expected null, 'auto', host:port or ray://host:port, got {self.address!r}"),
+            (self.num_cpus is None or self.num_cpus >= 1, "num_cpus", f"must be null or >= 1, got {self.num_cpus}"),
+            (self.learners >= 1, "learners", f"must be >= 1, got {self.learners}"),
+            (self.rollout_workers >= 1, "rollout_workers", f"must be >= 1, got {self.rollout_workers}"),
+            (self.cpus_per_learner >= 0, "cpus_per_learner", f"must be >= 0, got {self.cpus_per_learner}"),
+            (self.cpus_per_rollout_worker >= 0, "cpus_per_rollout_worker",
+             f"must be >= 0, got {self.cpus_per_rollout_worker}"),
+            (self.torch_threads >= 1, "torch_threads", f"must be >= 1, got {self.torch_threads}"),
+        ]
+        for ok, key, msg in checks:
+            if not ok:
+                raise ValueError(f"{key}: {msg}")
 
 
 def start_ray(cluster: ClusterConfig) -> None:
@@ -70,32 +107,29 @@ class LearnerGroup:
 
         return ray.get([getattr(a, method).remote(arg, **kwargs) for a, arg in zip(self.actors, per_rank)])
 
-    def configure(self, *args: Any, **kwargs: Any) -> None:
-        self._all("configure", *args, **kwargs)
+    def configure(self, optim: Any, schedule: Any, learner: Any, total_steps: int) -> None:
+        self._all("configure", optim, schedule, learner, total_steps)
 
-    def train_step(self, objective: Any, per_rank_micro_batches: list[list[dict]], **knobs: Any) -> dict:
+    def train_step(self, objective: Objective, per_rank: list[list[Any]], counts: StepCounts) -> dict[str, float]:
         import ray
 
-        refs = [a.train_step.remote(objective, mb, **knobs)
-                for a, mb in zip(self.actors, per_rank_micro_batches)]
-        return ray.get(refs)[0]
+        return ray.get([a.train_step.remote(objective, mb, counts) for a, mb in zip(self.actors, per_rank)])[0]
 
-    def evaluate(self, objective: Any, per_rank_micro_batches: list[list[dict]], **knobs: Any) -> dict:
+    def evaluate(self, objective: Objective, per_rank: list[list[Any]], counts: StepCounts) -> dict[str, float]:
         import ray
 
-        refs = [a.evaluate.remote(objective, mb, **knobs)
-                for a, mb in zip(self.actors, per_rank_micro_batches)]
-        return ray.get(refs)[0]
+        return ray.get([a.evaluate.remote(objective, mb, counts) for a, mb in zip(self.actors, per_rank)])[0]
 
-    def call_rank0(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    def call_rank0(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(rank 0's model, *args) on the learner: generation, old / reference log-probs."""
         import ray
 
-        return ray.get(self.actors[0].call.remote(fn, *args, **kwargs))
+        return ray.get(self.actors[0].call.remote(fn, *args))
 
-    def call_rank0_async(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    def call_rank0_async(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Like call_rank0 but returns the ObjectRef: the result stays in the object store
         (weight buckets go learner -> rollout workers without passing through the driver)."""
-        return self.actors[0].call.remote(fn, *args, **kwargs)
+        return self.actors[0].call.remote(fn, *args)
 
     def state_dict(self) -> dict:
         import ray
@@ -140,8 +174,7 @@ class RolloutHost:
         from posttrain.rollout import RolloutWorker
 
         torch.set_num_threads(threads)
-        cfg = replace(model_cfg, path=init_path, preset=None) if init_path else model_cfg
-        self.worker = RolloutWorker.from_model_config(rollout_cfg, cfg, **token_ids)
+        self.worker = RolloutWorker.from_model_config(rollout_cfg, model_cfg.at_checkpoint(init_path), **token_ids)
 
     def generate(self, prompt_ids: list[list[int]], params: Any) -> Any:
         return self.worker.generate(prompt_ids, params)
@@ -155,9 +188,9 @@ class RolloutHost:
     def policy_version(self) -> int:
         return self.worker.policy_version
 
-    def call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        """Run `fn(model, ...)` on the engine's model (tests: weight-sync equality)."""
-        return fn(self.worker.engine.model, *args, **kwargs)
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run `fn(model, *args)` on the engine's model (tests: weight-sync equality)."""
+        return fn(self.worker.engine.model, *args)
 
 
 def shard_seed(seed: int, shard: int) -> int:
@@ -193,8 +226,7 @@ class RolloutGroup:
         indices). Raises RolloutWorkerLost after replacing workers that died."""
         import ray
 
-        from posttrain.rollout import Completion, RolloutBatch
-        from posttrain.rollout.worker import rollout_metrics
+        from posttrain.rollout import Completion, RolloutBatch, rollout_metrics
 
         per = -(-len(prompt_ids) // len(self.actors))
         shards = [(i, list(map(list, prompt_ids[i * per:(i + 1) * per]))) for i in range(len(self.actors))]
@@ -242,10 +274,10 @@ class RolloutGroup:
 
         return ray.get([a.policy_version.remote() for a in self.actors])
 
-    def call(self, index: int, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    def call(self, index: int, fn: Callable[..., Any], *args: Any) -> Any:
         import ray
 
-        return ray.get(self.actors[index].call.remote(fn, *args, **kwargs))
+        return ray.get(self.actors[index].call.remote(fn, *args))
 
     def shutdown(self) -> None:
         import ray

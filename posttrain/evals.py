@@ -17,74 +17,39 @@ and draws the cells as a heatmap (depth down, length across).
 """
 from __future__ import annotations
 
-from collections import defaultdict
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
-from posttrain.config import EvalConfig
+from posttrain.data.tasks.needle import cell_accuracy, has_cells, per_cell_limit, plot_cells
 
 
-def has_cells(records: Sequence[Any]) -> bool:
-    """True when every record carries numeric `length` and `depth` metadata."""
-    return bool(records) and all(
-        isinstance(getattr(r, "meta", {}).get("length"), (int, float))
-        and isinstance(getattr(r, "meta", {}).get("depth"), (int, float))
-        for r in records
-    )
+@dataclass(frozen=True)
+class EvalConfig:
+    """A stage's held-out evaluation (the recipe's `stages[i].eval:`)."""
 
+    every: int = 0  # optimizer steps between evals; 0: only before the first and after the last step
+    max_new_tokens: int = 16  # greedy decoding budget per eval prompt
+    limit: Optional[int] = None  # evaluate the first N eval rows (needle: N spread over the cells)
 
-def cell_accuracy(lengths: Sequence[float], depths: Sequence[float], hits: Sequence[bool]) -> list[dict[str, Any]]:
-    """Accuracy per (length, depth) cell, sorted by length then depth."""
-    if not len(lengths) == len(depths) == len(hits):
-        raise ValueError(f"cell_accuracy: {len(lengths)} lengths, {len(depths)} depths, {len(hits)} hits")
-    groups: dict[tuple[float, float], list[bool]] = defaultdict(list)
-    for length, depth, hit in zip(lengths, depths, hits):
-        groups[(length, depth)].append(bool(hit))
-    return [{"length": length, "depth": depth, "accuracy": sum(h) / len(h), "n": len(h)}
-            for (length, depth), h in sorted(groups.items())]
-
-
-def plot_cells(cells: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
-    """Heatmap PNG of cell accuracies: x = context length, y = needle depth (0 = top)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    lengths = sorted({c["length"] for c in cells})
-    depths = sorted({c["depth"] for c in cells})
-    grid = np.full((len(depths), len(lengths)), np.nan)
-    for c in cells:
-        grid[depths.index(c["depth"]), lengths.index(c["length"])] = c["accuracy"]
-    fig, ax = plt.subplots(figsize=(1.2 * len(lengths) + 2.5, 0.6 * len(depths) + 1.8))
-    im = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto")
-    ax.set_xticks(range(len(lengths)), [str(int(x)) if float(x).is_integer() else str(x) for x in lengths])
-    ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("needle depth")
-    for i in range(len(depths)):
-        for j in range(len(lengths)):
-            if not np.isnan(grid[i, j]):
-                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=8)
-    fig.colorbar(im, ax=ax, label="retrieval accuracy")
-    ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    def __post_init__(self) -> None:
+        if not self.every >= 0:
+            raise ValueError(f"every: must be >= 0, got {self.every}")
+        if not self.max_new_tokens >= 1:
+            raise ValueError(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
+        if self.limit is not None and not self.limit >= 1:
+            raise ValueError(f"limit: must be null or >= 1, got {self.limit}")
 
 
 def greedy_hits(ctx: Any, learners: Any, records: Sequence[Any], check: Callable[[str, str], bool],
                 max_new_tokens: int) -> list[bool]:
     """Greedy-decode each record's prompt on learner rank 0; hit = check(decoded text, answer)."""
     from posttrain.data import encode_prompt
-    from posttrain.generation import greedy_generate
+    from posttrain.rollout import SamplingParams, generate_on_model
 
     prompts = [encode_prompt(r, ctx.tokenizer) for r in records]
-    outs = learners.call_rank0(greedy_generate, prompts, max_new_tokens=max_new_tokens,
-                               stop_token_ids=[ctx.tokenizer.eos_token_id])
+    greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens,
+                            stop_token_ids=(ctx.tokenizer.eos_token_id,))
+    outs = learners.call_rank0(generate_on_model, prompts, greedy)
     return [bool(check(ctx.tokenizer.decode(ids, skip_special_tokens=True), _reference(r)))
             for r, ids in zip(records, outs)]
 
@@ -126,24 +91,10 @@ def needle_eval(ctx: Any, learners: Any, records: Sequence[Any], task: Optional[
     if not has_cells(records):
         raise ValueError(f"{stage}: needle eval needs `length` and `depth` on every eval row")
     if cfg.limit:
-        records = _per_cell_limit(records, cfg.limit)
+        records = per_cell_limit(records, cfg.limit)
     hits = greedy_hits(ctx, learners, records, answer_check(task), cfg.max_new_tokens)
     cells = cell_accuracy([r.meta["length"] for r in records], [r.meta["depth"] for r in records], hits)
     accuracy = sum(hits) / len(hits)
     plot = plot_cells(cells, ctx.run_dir / "plots" / f"{stage}_needle_step{step}.png",
                       f"{stage} step {step}: retrieval accuracy {accuracy:.2f} (n={len(hits)})")
     return {"accuracy": accuracy, "n": len(hits), "needle": {"cells": cells, "plot": str(plot)}}
-
-
-def _per_cell_limit(records: list[Any], limit: int) -> list[Any]:
-    """At most ceil(limit / n_cells) rows of each cell, in file order."""
-    keys = {(r.meta["length"], r.meta["depth"]) for r in records}
-    per_cell = max(1, -(-limit // len(keys)))
-    seen: dict[tuple, int] = defaultdict(int)
-    out = []
-    for r in records:
-        key = (r.meta["length"], r.meta["depth"])
-        if seen[key] < per_cell:
-            seen[key] += 1
-            out.append(r)
-    return out

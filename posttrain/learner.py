@@ -1,12 +1,16 @@
 """The learner: one DeepSpeed data-parallel rank holding the policy being trained.
 
 A plain class: `posttrain.cluster` wraps it with `ray.remote` (one actor per rank), and
-tests and GPU benchmarks use it in-process. Stage loops hand it micro-batches and an
-*objective* — a module-level function `(model, micro, **knobs) -> (loss, metrics)` from
-posttrain.objectives — so the learner knows nothing about SFT, DPO or RL.
+tests and GPU benchmarks use it in-process. Stage loops hand it micro-batches, the step's
+global counts (`StepCounts`) and an *objective* — a frozen dataclass from posttrain.objectives
+holding its own typed loss config, called as `objective(model, micro, counts) -> (loss,
+metrics)` — so the learner knows nothing about SFT, DPO or RL.
+
+The learner owns the configs of what it does: OptimConfig, ScheduleConfig and LearnerConfig
+(the recipe's `optim:`, `schedule:` and `learner:` of a stage).
 
 Normalisation: objectives divide by the token (or sequence) count of the whole optimizer
-step across micro-batches and ranks (`num_tokens`), so the gradient of one step is the
+step across micro-batches and ranks (`StepCounts`), so the gradient of one step is the
 gradient of the global-batch loss. DeepSpeed would also divide by the number of
 micro-batches and average over ranks; we undo both (`scale_wrt_gas=False`, loss x world
 size), which is what makes 1x8 == 8x1 and world size 2 == world size 1 hold exactly.
@@ -16,16 +20,96 @@ from __future__ import annotations
 import json
 import math
 import os
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Literal, Optional, Protocol
 
 import torch
 
-from posttrain.config import LearnerConfig, ModelConfig, OptimConfig, ScheduleConfig
+from posttrain.data.collate import to_device
+from posttrain.models import ModelConfig, eval_mode
+from posttrain.objectives.common import Objective, StepCounts
 
-Objective = Callable[..., tuple[torch.Tensor, dict[str, Any]]]
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW. MiniMax-M1 used betas (0.9, 0.95) and eps 1e-15 for RL."""
+
+    lr: float = 1e-3  # peak learning rate (the schedule multiplies it)
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW beta1, beta2
+    eps: float = 1e-8  # AdamW epsilon
+    weight_decay: float = 0.0  # decoupled weight decay
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.lr > 0 and math.isfinite(self.lr), "lr", f"must be a positive finite number, got {self.lr}"),
+            (all(0 <= b < 1 for b in self.betas), "betas", f"must be in [0, 1), got {list(self.betas)}"),
+            (self.eps > 0 and math.isfinite(self.eps), "eps", f"must be a positive finite number, got {self.eps}"),
+            (self.weight_decay >= 0 and math.isfinite(self.weight_decay), "weight_decay",
+             f"must be a finite number >= 0, got {self.weight_decay}"),
+            (self.grad_clip >= 0 and math.isfinite(self.grad_clip), "grad_clip",
+             f"must be a finite number >= 0 (0: off), got {self.grad_clip}"),
+        ]
+        for ok, key, msg in checks:
+            if not ok:
+                raise ValueError(f"{key}: {msg}")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """The learning-rate multiplier per optimizer step: linear warm-up, then constant or decay."""
+
+    kind: Literal["constant", "cosine", "linear"] = "cosine"  # shape after warm-up
+    warmup_steps: int = 0  # linear ramp from lr/warmup_steps to lr
+    min_lr_ratio: float = 0.1  # cosine/linear end at lr * min_lr_ratio
+
+    def __post_init__(self) -> None:
+        if not self.warmup_steps >= 0:
+            raise ValueError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    """How the DeepSpeed ranks hold and train the model."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 0  # ZeRO stage (optimizer / gradient / parameter sharding)
+    offload_optimizer: bool = False  # optimizer state in CPU memory
+    loss_chunk_size: int = 1024  # tokens per chunk of the LM-head cross-entropy (bounds logits memory)
+    gradient_checkpointing: Optional[bool] = None  # recompute layer activations; null: model.gradient_checkpointing
+
+    def __post_init__(self) -> None:
+        if not self.loss_chunk_size >= 1:
+            raise ValueError(f"loss_chunk_size: must be >= 1, got {self.loss_chunk_size}")
+
+
+class Learners(Protocol):
+    """The stage loops' handle on the learner ranks (posttrain.cluster.LearnerGroup hosts one
+    Learner per rank on Ray; tests may use anything with these methods). Calls go to every
+    rank; answers are rank 0's (metrics are already all-reduced)."""
+
+    world_size: int
+
+    def configure(self, optim: OptimConfig, schedule: ScheduleConfig, learner: LearnerConfig,
+                  total_steps: int) -> None: ...
+
+    def train_step(self, objective: Objective, per_rank: list[list[Any]], counts: StepCounts) -> dict[str, float]: ...
+
+    def evaluate(self, objective: Objective, per_rank: list[list[Any]], counts: StepCounts) -> dict[str, float]: ...
+
+    def call_rank0(self, fn: Callable[..., Any], *args: Any) -> Any: ...
+
+    def call_rank0_async(self, fn: Callable[..., Any], *args: Any) -> Any: ...
+
+    def save_pretrained(self, out_dir: str) -> None: ...
+
+    def save_state(self, state_dir: str, extra: dict[str, Any]) -> None: ...
+
+    def load_state(self, state_dir: str) -> dict[str, Any]: ...
+
+    def shutdown(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -134,8 +218,7 @@ class Learner:
         self.step = 0
 
     # --------------------------------------------------------------- training
-    def train_step(self, objective: Objective, micro_batches: list[Any],
-                   **knobs: Any) -> dict[str, float]:
+    def train_step(self, objective: Objective, micro_batches: list[Any], counts: StepCounts) -> dict[str, float]:
         """One optimizer step over this rank's micro-batches; returns summed metrics.
 
         Every rank must receive the same number of micro-batches. Objectives return
@@ -148,7 +231,7 @@ class Learner:
         n = len(micro_batches)
         for i, micro in enumerate(micro_batches):
             eng.set_gradient_accumulation_boundary(i == n - 1)
-            loss, metrics = objective(eng.module, _to_device(micro, self.device), **knobs)
+            loss, metrics = objective(eng.module, to_device(micro, self.device), counts)
             eng.backward(loss * self.dist.world_size, scale_wrt_gas=False)
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
@@ -165,23 +248,19 @@ class Learner:
         return out
 
     @torch.no_grad()
-    def evaluate(self, objective: Objective, micro_batches: list[Any],
-                 **knobs: Any) -> dict[str, float]:
+    def evaluate(self, objective: Objective, micro_batches: list[Any], counts: StepCounts) -> dict[str, float]:
         """Sum an objective's metrics over micro-batches without updating anything."""
-        module = self.engine.module if self.engine is not None else self.model
-        was_training = module.training
-        module.eval()
         totals: dict[str, float] = {}
-        for micro in micro_batches:
-            _, metrics = objective(module, _to_device(micro, self.device), **knobs)
-            for k, v in metrics.items():
-                totals[k] = totals.get(k, 0.0) + float(v)
-        module.train(was_training)
+        with eval_mode(self.module):
+            for micro in micro_batches:
+                _, metrics = objective(self.module, to_device(micro, self.device), counts)
+                for k, v in metrics.items():
+                    totals[k] = totals.get(k, 0.0) + float(v)
         return _all_reduce_sum(totals)
 
-    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Run `fn(model, *args, **kwargs)` on this rank's model (e.g. generation for eval)."""
-        return fn(self.module, *args, **kwargs)
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run `fn(model, *args)` on this rank's model (e.g. generation for eval)."""
+        return fn(self.module, *args)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -231,11 +310,3 @@ def _all_reduce_sum(metrics: dict[str, float]) -> dict[str, float]:
 def _grad_norm(module: torch.nn.Module) -> float:
     grads = [p.grad.detach().float() for p in module.parameters() if p.grad is not None]
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    """Move the tensors of a micro-batch dataclass (e.g. posttrain.data.Batch) to `device`."""
-    if device.type == "cpu":
-        return batch
-    moved = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
-    return dataclasses.replace(batch, **{k: v.to(device) for k, v in moved.items() if torch.is_tensor(v)})

@@ -17,22 +17,17 @@ import dataclasses
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import yaml
 from rich.console import Console
 from rich.table import Table
 
 from posttrain.checkpoint import atomic_dir, write_json_atomic
-from posttrain.config import ConfigError, ModelConfig, RecipeConfig, TokenizerConfig
+from posttrain.config import ConfigError, RecipeConfig
+from posttrain.data import TokenizerConfig, token_ids
 from posttrain.metrics import MetricsLogger
-from posttrain.stages.common import StageContext
-from posttrain.stages.dpo import run_dpo
-from posttrain.stages.rl import run_rl
-from posttrain.stages.sft import run_sft
-
-StageRunner = Callable[[StageContext, Any, Any], dict[str, Any]]
-STAGE_RUNNERS: dict[str, StageRunner] = {"sft": run_sft, "rl": run_rl, "dpo": run_dpo}
+from posttrain.stages import STAGES, StageContext
 
 
 def prepare_run_dir(cfg: RecipeConfig, *, resume: bool, overwrite: bool) -> Path:
@@ -83,12 +78,12 @@ def run_recipe(cfg: RecipeConfig, *, resume: bool = False, overwrite: bool = Fal
                 manifest = json.loads(manifest_path.read_text())
             else:
                 console.rule(f"stage {i}: {stage.name} ({stage.kind})")
-                ctx = StageContext(cfg, run_dir, stage_dir, tokenizer, tok_dir, init_path, logger, console,
-                                   seed=cfg.seed + i)
-                learners = LearnerGroup(cfg.cluster, stage_model_config(cfg.model, stage), init_path,
+                ctx = StageContext(cfg.model, cfg.cluster, cfg.seed, run_dir, stage_dir, tokenizer, tok_dir,
+                                   init_path, logger, console, seed=cfg.seed + i)
+                learners = LearnerGroup(cfg.cluster, cfg.model.with_overrides(stage.model_overrides), init_path,
                                         token_ids=token_ids(tokenizer), seed=cfg.seed)
                 try:
-                    manifest = STAGE_RUNNERS[stage.kind](ctx, stage, learners)
+                    manifest = STAGES[stage.kind].run(ctx, stage, learners)
                 finally:
                     learners.shutdown()
             manifests[stage.name] = manifest
@@ -101,20 +96,6 @@ def run_recipe(cfg: RecipeConfig, *, resume: bool = False, overwrite: bool = Fal
     write_json_atomic(run_dir / "summary.json", summary)
     console.print(summary_table(summary))
     return summary
-
-
-def stage_model_config(model: ModelConfig, stage: Any) -> ModelConfig:
-    """The model config a stage's learners load with: model.overrides, then the stage's own
-    `model_overrides` (e.g. a larger RoPE base for long-context SFT). Stage kinds without
-    that key load with model.overrides alone."""
-    extra = getattr(stage, "model_overrides", None) or {}
-    return dataclasses.replace(model, overrides={**model.overrides, **extra}) if extra else model
-
-
-def token_ids(tokenizer: Any) -> dict[str, Any]:
-    """What a fresh model needs from the tokenizer: vocabulary size and special ids."""
-    return {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
-            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
 
 
 # Columns of the end-of-run table: the held-out numbers people look for first, per stage kind.

@@ -3,6 +3,10 @@
 Supported field types: bool, int, float, str, Optional[X], Literal[...], list[X],
 tuple[X, ...] / tuple[X, Y], dict[str, Any], nested dataclasses, and Unions of dataclasses
 that carry a `kind: Literal[...]` field (dispatched on the mapping's `kind` key).
+
+Value checks live with the fields: a config class's `__post_init__` raises
+`ValueError("<field>: <problem>")` (or "<field>.<sub>: ..." for a nested one), and this
+module reports it under the class's key path, e.g. `stages[2].loss.eps_high: must be ...`.
 """
 from __future__ import annotations
 
@@ -44,7 +48,12 @@ def parse_dataclass(cls: type, data: Any, path: str) -> Any:
             kwargs[name] = parse_value(hints[name], data[name], _join(path, name))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{_join(path, name)}: required value missing")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as e:  # a field's own check (see the module docstring)
+        raise ConfigError(_join(path, str(e))) from None
 
 
 def parse_value(tp: Any, v: Any, path: str) -> Any:  # noqa: C901 - one branch per type form
@@ -55,7 +64,7 @@ def parse_value(tp: Any, v: Any, path: str) -> Any:  # noqa: C901 - one branch p
         non_none = [a for a in args if a is not type(None)]
         if v is None and len(non_none) < len(args):
             return None
-        if all(dataclasses.is_dataclass(a) for a in non_none):
+        if len(non_none) > 1 and all(dataclasses.is_dataclass(a) for a in non_none):
             return _parse_tagged(non_none, v, path)
         return parse_value(non_none[0], v, path)
     if origin is Literal:

@@ -31,7 +31,7 @@ class WeightSync(Protocol):
 def bucket_plan(model: torch.nn.Module, bucket_bytes: int) -> list[list[str]]:
     """Names of the state dict's tensors grouped into buckets of at most `bucket_bytes`
     (a larger tensor gets a bucket of its own); state-dict order."""
-    from posttrain.rollout.worker import weight_buckets
+    from posttrain.rollout import weight_buckets
 
     return [[name for name, _ in b] for b in weight_buckets(model.state_dict().items(), bucket_bytes)]
 

@@ -18,7 +18,8 @@ import torch
 from transformers import GenerationConfig, PreTrainedModel
 
 from posttrain.rollout.sampling import early_stop_length
-from posttrain.rollout.types import Completion, FinishReason, SamplingParams, load_named_tensors
+from posttrain.rollout.types import Completion, FinishReason, SamplingParams
+from posttrain.rollout.weights import load_named_tensors
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

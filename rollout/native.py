@@ -29,7 +29,8 @@ import torch
 from posttrain.models.decode import DecodeCache, SlotState, decode_step, prefill_many
 from posttrain.models.hybrid import HybridForCausalLM
 from posttrain.rollout.sampling import request_generator, sample_tokens
-from posttrain.rollout.types import Completion, FinishReason, SamplingParams, load_named_tensors
+from posttrain.rollout.types import Completion, FinishReason, SamplingParams
+from posttrain.rollout.weights import load_named_tensors
 
 
 @dataclass

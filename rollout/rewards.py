@@ -114,43 +114,58 @@ REWARDS: dict[str, RewardFn] = {
 }
 
 
+def resolve_callable(spec: str) -> Callable[..., Any]:
+    """The callable named by 'package.module:function', imported on demand (user rewards and
+    losses). Raises ValueError with one line saying what is wrong."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"expected 'module:function', got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - any import failure of user code is a config error
+        raise ValueError(f"cannot import module {module_name!r}: {type(exc).__name__}: {exc}") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"module {module_name!r} has no callable {attr!r}")
+    return fn
+
+
 def resolve_reward(name: str) -> RewardFn:
     """A built-in name from REWARDS, or "package.module:function" imported on demand."""
     if name in REWARDS:
         return REWARDS[name]
     if ":" not in name:
         raise ValueError(f"unknown reward {name!r}: expected one of {sorted(REWARDS)} or 'module:function'")
-    module_name, _, attr = name.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"reward {name!r}: cannot import module {module_name!r}: {exc}") from exc
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ValueError(f"reward {name!r}: module {module_name!r} has no callable {attr!r}")
-    return fn
+    return resolve_callable(name)
 
 
 # ----------------------------------------------------------------------------- the runner
 
 @dataclass(frozen=True)
 class RewardConfig:
-    """fn: a REWARDS name or 'module:function'. timeout_s: per call. fallback: the score of a call
-    that raised or timed out. executor/num_workers: see the module docstring."""
+    """How completions are scored (the recipe's `reward:` of rl stages and `pairs.reward:` of dpo
+    stages). The function is resolved (a user module imported) when the config is built, so a
+    recipe naming a missing one fails at load time. Invalid values raise ValueError("<field>: ...")."""
 
-    fn: str = "math"
-    timeout_s: float = 10.0
-    fallback: float = 0.0
-    num_workers: int = 4
-    executor: Literal["thread", "process"] = "thread"
+    fn: str = "exact_match"  # a REWARDS name or 'module:function'
+    timeout_s: float = 10.0  # per call; a call past it scores `fallback` (counted)
+    fallback: float = 0.0  # the score of a call that raised or timed out
+    num_workers: int = 4  # concurrent reward calls
+    executor: Literal["thread", "process"] = "thread"  # process: isolates calls that may hang or crash
 
     def __post_init__(self) -> None:
-        if self.timeout_s <= 0:
-            raise ValueError(f"RewardConfig.timeout_s must be > 0, got {self.timeout_s}")
+        if not (self.timeout_s > 0 and math.isfinite(self.timeout_s)):
+            raise ValueError(f"timeout_s: must be a finite number > 0, got {self.timeout_s}")
+        if not math.isfinite(self.fallback):
+            raise ValueError(f"fallback: must be a finite number, got {self.fallback}")
         if self.num_workers < 1:
-            raise ValueError(f"RewardConfig.num_workers must be >= 1, got {self.num_workers}")
+            raise ValueError(f"num_workers: must be >= 1, got {self.num_workers}")
         if self.executor not in ("thread", "process"):
-            raise ValueError(f"RewardConfig.executor must be 'thread' or 'process', got {self.executor!r}")
+            raise ValueError(f"executor: must be 'thread' or 'process', got {self.executor!r}")
+        try:
+            resolve_reward(self.fn)
+        except ValueError as e:
+            raise ValueError(f"fn: {e}") from None
 
 
 class _ThreadCall:

@@ -13,7 +13,8 @@ mismatch metrics). Greedy decoding (T == 0) reports log_softmax(logits) (i.e. T 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 from typing import Callable, Iterable, Literal, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
@@ -22,52 +23,69 @@ FinishReason = Literal["stop", "length", "truncated"]
 
 
 @dataclass(frozen=True)
-class SamplingParams:
-    """How to sample `n` completions per prompt.
+class SamplingConfig:
+    """How a prompt's completions are sampled: the recipe's `sampling:` (rl stages) and
+    `pairs.sampling:` (dpo pairs sampled from the policy). Checked when built; invalid values
+    raise ValueError("<field>: ...")."""
 
-    temperature: 0 means greedy (argmax); otherwise logits are divided by it.
-    top_k: 0 disables; top_p: 1.0 disables.
-    stop_token_ids: generation of a sample ends after it emits one of these (the stop token is
-        kept in `token_ids`, so the learner trains on it); finish_reason "stop".
-    seed: None uses the process RNG; an int makes sampling reproducible (same seed + same
-        prompts -> same completions, independent of slot count / scheduling in `native`).
-    early_stop_run / early_stop_prob: MiniMax-M1 early truncation. A sample stops once
-        `early_stop_run` consecutive sampled tokens each had probability > `early_stop_prob`
-        (probability = exp(logprob) under the convention above); the run-completing token is
-        kept and finish_reason is "truncated". None disables.
-    """
-
-    n: int = 1
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_new_tokens: int = 256
-    stop_token_ids: tuple[int, ...] = ()
-    seed: Optional[int] = None
+    n: int = 8  # completions per prompt (GRPO's group size G; the candidates of a DPO pair)
+    temperature: float = 1.0  # 0 is greedy (argmax); otherwise logits are divided by it
+    top_p: float = 1.0  # nucleus sampling; 1.0 disables
+    top_k: int = 0  # keep the k most likely tokens; 0 disables
+    max_new_tokens: int = 256  # completion budget; a sample cut here ends with finish_reason "length"
+    # MiniMax-M1 early truncation: a sample stops once early_stop_run consecutive sampled tokens
+    # each had probability > early_stop_prob (the run-completing token is kept; finish_reason
+    # "truncated"). None disables.
     early_stop_run: Optional[int] = None
-    early_stop_prob: float = 0.99
+    early_stop_prob: float = 0.99  # the per-token probability a run must exceed
 
     def __post_init__(self) -> None:
         checks = [
-            (self.n >= 1, f"n must be >= 1, got {self.n}"),
-            (self.temperature >= 0.0, f"temperature must be >= 0, got {self.temperature}"),
-            (0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"),
-            (self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}"),
-            (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
-            (self.early_stop_run is None or self.early_stop_run >= 1,
-             f"early_stop_run must be None or >= 1, got {self.early_stop_run}"),
-            (0.0 < self.early_stop_prob < 1.0,
-             f"early_stop_prob must be in (0, 1), got {self.early_stop_prob}"),
+            (self.n >= 1, "n", f"must be >= 1, got {self.n}"),
+            (self.temperature >= 0.0 and math.isfinite(self.temperature), "temperature",
+             f"must be a finite number >= 0, got {self.temperature}"),
+            (0.0 < self.top_p <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p}"),
+            (self.top_k >= 0, "top_k", f"must be >= 0 (0 = off), got {self.top_k}"),
+            (self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}"),
+            (self.early_stop_run is None or self.early_stop_run >= 1, "early_stop_run",
+             f"must be null or >= 1, got {self.early_stop_run}"),
+            (0.0 < self.early_stop_prob < 1.0, "early_stop_prob", f"must be in (0, 1), got {self.early_stop_prob}"),
         ]
-        for ok, msg in checks:
+        for ok, key, msg in checks:
             if not ok:
-                raise ValueError(f"SamplingParams: {msg}")
-        # Accept any iterable of ints for stop ids but store a tuple so the dataclass stays hashable.
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+                raise ValueError(f"{key}: {msg}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class SamplingParams(SamplingConfig):
+    """One generation request: a SamplingConfig plus what only the caller knows.
+
+    n defaults to 1 here (a request for one completion per prompt unless asked).
+    stop_token_ids: generation of a sample ends after it emits one of these (the stop token is
+        kept in `token_ids`, so the learner trains on it); finish_reason "stop".
+    seed: None uses the process RNG; an int makes sampling reproducible (same seed + same
+        prompts -> same completions, independent of slot count / scheduling in `native`).
+    """
+
+    n: int = 1
+    stop_token_ids: tuple[int, ...] = ()
+    seed: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # Accept any iterable of ints for stop ids but store a tuple so the dataclass stays hashable.
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+
+    @classmethod
+    def of(cls, config: SamplingConfig, *, stop_token_ids: Sequence[int] = (), seed: Optional[int] = None
+           ) -> "SamplingParams":
+        """The request for `config`'s sampling with the caller's stop ids and seed."""
+        return cls(**{f.name: getattr(config, f.name) for f in fields(SamplingConfig)},
+                   stop_token_ids=tuple(stop_token_ids), seed=seed)
 
 
 @dataclass(frozen=True)
@@ -119,37 +137,3 @@ class RolloutEngine(Protocol):
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         ...
-
-
-TensorResolver = Callable[[str], Optional[torch.Tensor]]
-
-
-def load_named_tensors(
-    model: torch.nn.Module,
-    named_tensors: Iterable[tuple[str, torch.Tensor]],
-    resolve: Optional[TensorResolver] = None,
-) -> int:
-    """Copy `named_tensors` into `model`'s parameters/buffers of the same name, in place.
-
-    `resolve(name)` may map names the model does not have to a view of one of its tensors (e.g.
-    checkpoint-layout expert weights into transformers' fused expert tensors); None = unknown.
-    Casts to each target's dtype/device. Raises KeyError naming an unknown tensor and ValueError
-    on a shape mismatch. Returns how many tensors were loaded. Shared by the hf and native engines.
-    """
-    targets = dict(model.named_parameters())
-    targets.update(dict(model.named_buffers()))
-    count = 0
-    with torch.no_grad():
-        for name, tensor in named_tensors:
-            dst = targets.get(name)
-            if dst is None and resolve is not None:
-                dst = resolve(name)
-            if dst is None:
-                raise KeyError(f"load_weights: model has no parameter or buffer named {name!r}")
-            if dst.shape != tensor.shape:
-                raise ValueError(
-                    f"load_weights: {name!r} has shape {tuple(tensor.shape)}, model expects {tuple(dst.shape)}"
-                )
-            dst.copy_(tensor.to(device=dst.device, dtype=dst.dtype))
-            count += 1
-    return count

@@ -28,7 +28,7 @@ import random
 from pathlib import Path
 from typing import Sequence
 
-from posttrain.data.tasks._io import write_json_atomic, write_jsonl_atomic
+from posttrain.data.io import write_json_atomic, write_jsonl_atomic
 
 NAME = "arithmetic"
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}

@@ -38,9 +38,10 @@ import os
 import random
 import string
 from pathlib import Path
-from typing import Callable, Sequence
+from collections import defaultdict
+from typing import Any, Callable, Sequence
 
-from posttrain.data.tasks._io import write_json_atomic, write_jsonl_atomic
+from posttrain.data.io import write_json_atomic, write_jsonl_atomic
 
 NAME = "needle"
 FILLERS = ("kv", "text")
@@ -177,3 +178,70 @@ def write(
 def check(completion_text: str, answer: str) -> bool:
     """Exact match of the retrieved value after stripping surrounding whitespace."""
     return completion_text.strip() == answer.strip()
+
+
+# ------------------------------------------------------------------ held-out cells
+def has_cells(records: Sequence[Any]) -> bool:
+    """True when every record carries numeric `length` and `depth` metadata."""
+    return bool(records) and all(
+        isinstance(getattr(r, "meta", {}).get("length"), (int, float))
+        and isinstance(getattr(r, "meta", {}).get("depth"), (int, float))
+        for r in records
+    )
+
+
+def cell_accuracy(lengths: Sequence[float], depths: Sequence[float], hits: Sequence[bool]) -> list[dict[str, Any]]:
+    """Accuracy per (length, depth) cell, sorted by length then depth."""
+    if not len(lengths) == len(depths) == len(hits):
+        raise ValueError(f"cell_accuracy: {len(lengths)} lengths, {len(depths)} depths, {len(hits)} hits")
+    groups: dict[tuple[float, float], list[bool]] = defaultdict(list)
+    for length, depth, hit in zip(lengths, depths, hits):
+        groups[(length, depth)].append(bool(hit))
+    return [{"length": length, "depth": depth, "accuracy": sum(h) / len(h), "n": len(h)}
+            for (length, depth), h in sorted(groups.items())]
+
+
+def plot_cells(cells: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
+    """Heatmap PNG of cell accuracies: x = context length, y = needle depth (0 = top)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    lengths = sorted({c["length"] for c in cells})
+    depths = sorted({c["depth"] for c in cells})
+    grid = np.full((len(depths), len(lengths)), np.nan)
+    for c in cells:
+        grid[depths.index(c["depth"]), lengths.index(c["length"])] = c["accuracy"]
+    fig, ax = plt.subplots(figsize=(1.2 * len(lengths) + 2.5, 0.6 * len(depths) + 1.8))
+    im = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto")
+    ax.set_xticks(range(len(lengths)), [str(int(x)) if float(x).is_integer() else str(x) for x in lengths])
+    ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("needle depth")
+    for i in range(len(depths)):
+        for j in range(len(lengths)):
+            if not np.isnan(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=8)
+    fig.colorbar(im, ax=ax, label="retrieval accuracy")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def per_cell_limit(records: list[Any], limit: int) -> list[Any]:
+    """At most ceil(limit / n_cells) rows of each cell, in file order."""
+    keys = {(r.meta["length"], r.meta["depth"]) for r in records}
+    per_cell = max(1, -(-limit // len(keys)))
+    seen: dict[tuple, int] = defaultdict(int)
+    out = []
+    for r in records:
+        key = (r.meta["length"], r.meta["depth"])
+        if seen[key] < per_cell:
+            seen[key] += 1
+            out.append(r)
+    return out

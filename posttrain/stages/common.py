@@ -1,8 +1,11 @@
-"""Steps shared by the stage loops, as functions (no base classes).
+"""What every stage shares: the common part of its config, and steps as functions.
 
-Each stage loop (posttrain/stages/<kind>.py) reads top to bottom and calls these for the
-parts every stage has: preparing data, ordering batches, sharding them over learner ranks,
-evaluating exact-match, saving resumable state and finishing with a checkpoint + manifest.
+`StageConfig` declares the fields every stage kind has (name, data, steps, optim, schedule,
+eval, checkpoint, learner, init_from, log_every, model_overrides) once; each kind's config in
+posttrain/stages/<kind>.py adds its own. Each stage loop reads top to bottom and calls the
+functions below for the parts every stage has: preparing data, ordering batches, sharding them
+over learner ranks into micro-batches, saving resumable state and finishing with a checkpoint
++ manifest.
 """
 from __future__ import annotations
 
@@ -11,22 +14,89 @@ import hashlib
 import json
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 from rich.console import Console
 
-from posttrain.checkpoint import atomic_dir, clean_temp, write_json_atomic
-from posttrain.config import CheckpointConfig, DataConfig, RecipeConfig
+from posttrain.checkpoint import CheckpointConfig, atomic_dir, clean_temp, write_json_atomic
+from posttrain.cluster import ClusterConfig
+from posttrain.data import DataConfig
+from posttrain.evals import EvalConfig
+from posttrain.learner import Learners, LearnerConfig, OptimConfig, ScheduleConfig
 from posttrain.metrics import MetricsLogger, plot_stage
+from posttrain.models import ModelConfig
+
+T = TypeVar("T")
+B = TypeVar("B")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageConfig:
+    """The fields every stage kind has; a kind's config (SFTStageConfig, DPOStageConfig,
+    RLStageConfig) adds its `kind` and its own sections."""
+
+    name: str  # unique in the recipe; overrides address the stage by it (stages.<name>.steps=...)
+    kind: str  # the stage kind: a key of posttrain.stages.STAGES (each kind's class narrows it)
+    data: DataConfig
+    steps: int  # optimizer steps (rl: rollout batches)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    init_from: Optional[str] = None  # an earlier stage's name; default: the previous stage
+    log_every: int = 1  # optimizer steps between train-metric rows (the last step is always logged)
+    # model config keys set when this stage's learners load their starting checkpoint, on top
+    # of model.overrides (long context: {rope_parameters: {rope_type: default, rope_theta: 1.0e7}})
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("name: must not be empty")
+        if self.data.task is None and self.data.train is None:
+            raise ValueError("data: set data.train (a file) or data.task (a synthetic task)")
+        if not self.steps >= 1:
+            raise ValueError(f"steps: must be positive, got {self.steps}")
+        if not self.log_every >= 1:
+            raise ValueError(f"log_every: must be >= 1, got {self.log_every}")
+
+    def check_cluster(self, cluster: ClusterConfig) -> None:
+        """Checks that need the cluster (a kind with a batch overrides this)."""
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """Sequences per optimizer step (across all learners) and per micro-batch.
+
+    With `data.pack` in an sft stage the unit is a packed row of up to data.max_seq_len tokens
+    instead of a sequence: global_size rows per step (<= global_size x max_seq_len tokens) and
+    micro_size must be 1 (one packed row per micro-batch bounds the activation memory). In a
+    dpo stage both count pairs; a micro-batch's pairs are packed into rows, one forward each."""
+
+    global_size: int = 32  # per optimizer step, all learners together
+    micro_size: int = 8  # per forward/backward on one learner
+
+    def __post_init__(self) -> None:
+        if not (self.micro_size >= 1 and self.global_size >= 1 and self.global_size % self.micro_size == 0):
+            raise ValueError(f"global_size: {self.global_size} must be a positive multiple of micro_size "
+                             f"{self.micro_size}")
+
+    def check_learners(self, learners: int) -> None:
+        """Every learner gets the same whole number of micro-batches per step."""
+        if self.global_size % (self.micro_size * learners):
+            raise ValueError(f"batch.global_size: {self.global_size} must be a multiple of batch.micro_size x "
+                             f"cluster.learners = {self.micro_size} x {learners} = {self.micro_size * learners}")
 
 
 @dataclass
 class StageContext:
     """What a stage loop gets from the pipeline (besides its own typed config)."""
 
-    recipe: RecipeConfig
+    model: ModelConfig  # the recipe's model (how the stage's checkpoints load)
+    cluster: ClusterConfig  # where rollout workers and extra learner groups go
+    run_seed: int  # the recipe's seed (task files, model init)
     run_dir: Path
     stage_dir: Path
     tokenizer: Any  # PreTrainedTokenizerFast
@@ -55,7 +125,7 @@ def task_files(ctx: StageContext, data: DataConfig) -> dict[str, Path]:
     # different arguments get their own folder.
     key = hashlib.sha1(json.dumps(data.task_args, sort_keys=True).encode()).hexdigest()[:8]
     out = ctx.run_dir / "data" / (data.task if not data.task_args else f"{data.task}-{key}")
-    files = write_task(data.task, out, seed=ctx.recipe.seed, **data.task_args)
+    files = write_task(data.task, out, seed=ctx.run_seed, **data.task_args)
     return {k: Path(v) for k, v in files.items()}
 
 
@@ -96,13 +166,20 @@ def batch_indices(n: int, global_size: int, step: int, seed: int) -> list[int]:
     return out
 
 
-def shard(items: Sequence[Any], world_size: int, micro_size: int) -> list[list[list[Any]]]:
+def shard(items: Sequence[T], world_size: int, micro_size: int) -> list[list[list[T]]]:
     """Split a global batch into `world_size` ranks x micro-batches of `micro_size` items."""
     per_rank = len(items) // world_size
     if per_rank * world_size != len(items):
         raise ValueError(f"global batch of {len(items)} does not split over {world_size} learners")
     ranks = [items[r * per_rank:(r + 1) * per_rank] for r in range(world_size)]
     return [[list(r[i:i + micro_size]) for i in range(0, len(r), micro_size)] for r in ranks]
+
+
+def micro_batches(items: Sequence[T], world_size: int, micro_size: int, build: Callable[[list[T]], B]
+                  ) -> list[list[B]]:
+    """ranks x micro-batches, each micro-batch's items turned into a batch by `build` (collate,
+    pack, ...): what LearnerGroup.train_step / evaluate take."""
+    return [[build(mb) for mb in rank] for rank in shard(items, world_size, micro_size)]
 
 
 def latest_state(ctx: StageContext) -> Optional[Path]:
@@ -114,7 +191,7 @@ def latest_state(ctx: StageContext) -> Optional[Path]:
     return done[-1] if done else None
 
 
-def resume_step(ctx: StageContext, learners: Any, name: str) -> int:
+def resume_step(ctx: StageContext, learners: Learners, name: str) -> int:
     """Load the stage's newest resumable state into the (configured) learners, if any, and
     drop metrics rows logged after it. Returns the number of optimizer steps already done."""
     start = 0
@@ -126,7 +203,7 @@ def resume_step(ctx: StageContext, learners: Any, name: str) -> int:
     return start
 
 
-def end_of_step(ctx: StageContext, cfg: Any, learners: Any, done: int, metrics: dict[str, Any],
+def end_of_step(ctx: StageContext, cfg: StageConfig, learners: Learners, done: int, metrics: dict[str, Any],
                 evaluate: Callable[[int], Any]) -> None:
     """After optimizer step `done` (1-based) of a stage: log its metrics, then the periodic
     eval and resumable state (the final ones are written by the stage's end)."""
@@ -138,7 +215,7 @@ def end_of_step(ctx: StageContext, cfg: Any, learners: Any, done: int, metrics: 
         save_state(ctx, learners, done, cfg.checkpoint)
 
 
-def save_state(ctx: StageContext, learners: Any, step: int, cfg: CheckpointConfig,
+def save_state(ctx: StageContext, learners: Learners, step: int, cfg: CheckpointConfig,
                extra: Optional[dict[str, Any]] = None) -> Path:
     """Atomically write resumable state after `step` optimizer steps; prune old ones."""
     target = ctx.state_root / f"step-{step:06d}"
@@ -149,15 +226,15 @@ def save_state(ctx: StageContext, learners: Any, step: int, cfg: CheckpointConfi
     return target
 
 
-def finish_stage(ctx: StageContext, learners: Any, kind: str, name: str, stage_cfg: Any,
+def finish_stage(ctx: StageContext, learners: Learners, stage_cfg: StageConfig,
                  eval_metrics: dict[str, Any], train_metrics: dict[str, Any]) -> dict[str, Any]:
     """Write the HF checkpoint (+ tokenizer), plots and the manifest the next stage reads."""
     with atomic_dir(ctx.final_dir) as tmp:
         learners.save_pretrained(str(tmp))
         ctx.tokenizer.save_pretrained(str(tmp))
-    plots = plot_stage(ctx.logger, name, ctx.run_dir / "plots")
+    plots = plot_stage(ctx.logger, stage_cfg.name, ctx.run_dir / "plots")
     manifest = {
-        "name": name, "kind": kind, "checkpoint": str(ctx.final_dir),
+        "name": stage_cfg.name, "kind": stage_cfg.kind, "checkpoint": str(ctx.final_dir),
         "tokenizer": str(ctx.tokenizer_dir), "init_from": ctx.init_path,
         "config": dataclasses.asdict(stage_cfg), "eval": eval_metrics, "train": train_metrics,
         "plots": [str(p) for p in plots],

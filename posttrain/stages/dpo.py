@@ -22,34 +22,65 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, TypeVar
+from typing import Any, Literal, Optional, TypeVar
 
-from posttrain.checkpoint import write_json_atomic
-from posttrain.config import DPOStageConfig
+from posttrain.checkpoint import write_json_atomic, write_jsonl_atomic
+from posttrain.cluster import ClusterConfig
 from posttrain.data import load_records
 from posttrain.evals import held_out_eval
-from posttrain.objectives import dpo_objective
+from posttrain.learner import Learners
+from posttrain.objectives import DPOObjective, PreferenceLoss, SigmoidDPOLoss, StepCounts
 from posttrain.progress import stage_progress
 from posttrain.stages.common import (
-    StageContext, batch_indices, end_of_step, finish_stage, resume_step, shard, task_files,
+    BatchConfig, StageConfig, StageContext, batch_indices, end_of_step, finish_stage, micro_batches, resume_step,
+    task_files,
 )
 from posttrain.stages.dpo_pairs import (
-    Pair, compute_reference, encode_pairs, fingerprint, generate_pair_rows, preference_batch, with_reference,
-    write_jsonl_atomic,
+    Pair, PairsConfig, compute_reference, encode_pairs, fingerprint, generate_pair_rows, preference_batch,
+    with_reference,
 )
 
 T = TypeVar("T")
 
 
-def run_dpo(ctx: StageContext, cfg: DPOStageConfig, learners: Any) -> dict[str, Any]:
+@dataclass(frozen=True, kw_only=True)
+class DPOStageConfig(StageConfig):
+    """Offline DPO: the common stage fields plus where pairs come from, the loss and `batch`
+    (whose sizes count pairs; each pair is two sequences)."""
+
+    kind: Literal["dpo"] = "dpo"
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+    loss: PreferenceLoss = field(default_factory=SigmoidDPOLoss)
+    task_eval: Optional[str] = None  # an rl-format file (prompt + answer) for exact match; default: the task's rl_eval
+    batch: BatchConfig = field(default_factory=BatchConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        d, p = self.data, self.pairs
+        want = "preference" if p.source == "file" else "rl"
+        checks = [
+            (d.format == want, "data.format",
+             f"must be {want!r} for a dpo stage with pairs.source={p.source}, got {d.format!r}"),
+            (p.source == "policy" or d.train is not None, "data.train",
+             "pairs.source=file needs a preference file in data.train (tasks ship prompts, not pairs)"),
+            (not d.mix, "data.mix", "only sft stages mix data sources"),
+            (not d.pack or d.pack_mode == "bfd", "data.pack_mode",
+             f"dpo packs whole documents (bfd); a preference response is never split, got {d.pack_mode!r}"),
+            (self.task_eval is None or Path(self.task_eval).exists(), "task_eval", f"file not found: {self.task_eval}"),
+        ]
+        for ok, key, msg in checks:
+            if not ok:
+                raise ValueError(f"{key}: {msg}")
+
+    def check_cluster(self, cluster: ClusterConfig) -> None:
+        self.batch.check_learners(cluster.learners)
+
+
+def run_dpo(ctx: StageContext, cfg: DPOStageConfig, learners: Learners) -> dict[str, Any]:
     world = learners.world_size
-    if cfg.batch.global_size % (cfg.batch.micro_size * world):
-        raise ValueError(f"{cfg.name}: batch.global_size {cfg.batch.global_size} must be a multiple of "
-                         f"micro_size x learners = {cfg.batch.micro_size * world}")
-    if cfg.data.pack and cfg.data.pack_mode != "bfd":
-        raise ValueError(f"{cfg.name}: data.pack_mode {cfg.data.pack_mode!r} would cut documents; a dpo stage "
-                         f"packs whole pairs (pack_mode: bfd)")
+    objective = DPOObjective(cfg.loss, chunk_size=cfg.learner.loss_chunk_size)
     learners.configure(cfg.optim, cfg.schedule, cfg.learner, cfg.steps)
     # Both need the starting model: they run before any resumed state is loaded.
     train_pairs, eval_pairs = prepare_pairs(ctx, cfg, learners)
@@ -61,14 +92,11 @@ def run_dpo(ctx: StageContext, cfg: DPOStageConfig, learners: Any) -> dict[str, 
         longest = max(max(len(p.chosen), len(p.rejected)) for p in train_pairs + eval_pairs)
         ctx.console.print(f"{cfg.name}: {cfg.batch.micro_size} pairs per micro-batch packed into rows of "
                           f"{pack_len} tokens (longest document: {longest})")
-    knobs = dict(beta=cfg.loss.beta, loss_type=cfg.loss.loss_type, label_smoothing=cfg.loss.label_smoothing,
-                 rpo_alpha=cfg.loss.rpo_alpha, chunk_size=cfg.learner.loss_chunk_size)
-
     start = resume_step(ctx, learners, cfg.name)
 
     def evaluate(step: int) -> dict[str, Any]:
         metrics = held_out_eval(ctx, learners, task_records, cfg.data.task, cfg.eval, stage=cfg.name, step=step)
-        metrics.update(preference_eval(learners, eval_pairs, pad_id, cfg.batch.micro_size, knobs, pack_len))
+        metrics.update(preference_eval(learners, objective, eval_pairs, pad_id, cfg.batch.micro_size, pack_len))
         ctx.logger.log(cfg.name, "eval", step, metrics)
         return metrics
 
@@ -79,13 +107,13 @@ def run_dpo(ctx: StageContext, cfg: DPOStageConfig, learners: Any) -> dict[str, 
         for step in range(start, cfg.steps):
             idx = batch_indices(len(train_pairs), cfg.batch.global_size, step, ctx.seed)
             step_pairs = [train_pairs[i] for i in idx]
-            micro = [[preference_batch(mb, pad_id, pack_len) for mb in rank]
-                     for rank in shard(step_pairs, world, cfg.batch.micro_size)]
-            last = learners.train_step(dpo_objective, micro, num_pairs=len(step_pairs), **knobs)
+            micro = micro_batches(step_pairs, world, cfg.batch.micro_size,
+                                  lambda mb: preference_batch(mb, pad_id, pack_len))
+            last = learners.train_step(objective, micro, StepCounts(sequences=len(step_pairs)))
             bar.advance(loss=last["loss"], acc=last["rewards/accuracies"])
             end_of_step(ctx, cfg, learners, step + 1, last, evaluate)
     final = evaluate(cfg.steps)
-    return finish_stage(ctx, learners, "dpo", cfg.name, cfg, final, last)
+    return finish_stage(ctx, learners, cfg, final, last)
 
 
 # --------------------------------------------------------------------------- pairs
@@ -93,7 +121,7 @@ def pairs_dir(ctx: StageContext) -> Path:
     return ctx.stage_dir / "pairs"
 
 
-def prepare_pairs(ctx: StageContext, cfg: DPOStageConfig, learners: Any) -> tuple[list[Pair], list[Pair]]:
+def prepare_pairs(ctx: StageContext, cfg: DPOStageConfig, learners: Learners) -> tuple[list[Pair], list[Pair]]:
     """(train, held-out) encoded pairs: from data.train/data.eval, or generated (once) by the policy."""
     if cfg.pairs.source == "policy":  # generation already held out the eval pairs
         train_path, eval_path = generated_pair_files(ctx, cfg, learners)
@@ -125,7 +153,7 @@ def _load_pairs(ctx: StageContext, cfg: DPOStageConfig, path: Path) -> list[Pair
     return encode_pairs(res.records, ctx.tokenizer, cfg.data.max_seq_len, path, truncate=not cfg.data.pack)
 
 
-def generated_pair_files(ctx: StageContext, cfg: DPOStageConfig, learners: Any) -> tuple[Path, Optional[Path]]:
+def generated_pair_files(ctx: StageContext, cfg: DPOStageConfig, learners: Learners) -> tuple[Path, Optional[Path]]:
     """Sample, score and save pairs unless a previous run of this stage already did."""
     out = pairs_dir(ctx)
     train_path, eval_path, info_path = out / "train.jsonl", out / "eval.jsonl", out / "info.json"
@@ -137,7 +165,7 @@ def generated_pair_files(ctx: StageContext, cfg: DPOStageConfig, learners: Any) 
     prompt_file = Path(cfg.data.train) if cfg.data.train else files.get("prompts", files.get("rl_train"))
     records = load_records(prompt_file, "rl", on_bad_row=cfg.data.on_bad_row).records
     records = records[: cfg.pairs.num_prompts] if cfg.pairs.num_prompts else records
-    ctx.console.print(f"{cfg.name}: sampling {cfg.pairs.num_samples} completions for each of "
+    ctx.console.print(f"{cfg.name}: sampling {cfg.pairs.sampling.n} completions for each of "
                       f"{len(records)} prompts ({prompt_file})")
     rows, stats = generate_pair_rows(learners, ctx.tokenizer, records, cfg.pairs, ctx.seed)
     if cfg.data.eval:
@@ -147,8 +175,8 @@ def generated_pair_files(ctx: StageContext, cfg: DPOStageConfig, learners: Any) 
     else:
         rows, eval_rows = split_off(rows, cfg.pairs.eval_fraction)
     if not rows:
-        raise ValueError(f"{cfg.name}: no preference pairs: every prompt's {cfg.pairs.num_samples} samples "
-                         f"got the same {cfg.pairs.reward} reward (raise pairs.temperature or num_samples, "
+        raise ValueError(f"{cfg.name}: no preference pairs: every prompt's {cfg.pairs.sampling.n} samples "
+                         f"got the same {cfg.pairs.reward.fn} reward (raise pairs.sampling.temperature or n, "
                          f"or start from a better model)")
     write_jsonl_atomic(train_path, rows)
     write_jsonl_atomic(eval_path, eval_rows)
@@ -160,7 +188,7 @@ def generated_pair_files(ctx: StageContext, cfg: DPOStageConfig, learners: Any) 
 
 
 # ------------------------------------------------------------------------ reference
-def prepare_reference(ctx: StageContext, cfg: DPOStageConfig, learners: Any, train: list[Pair],
+def prepare_reference(ctx: StageContext, cfg: DPOStageConfig, learners: Learners, train: list[Pair],
                       held_out: list[Pair]) -> tuple[list[Pair], list[Pair]]:
     """Attach the starting model's sequence log-probs to every pair, computing them only when
     ref_logps.json is missing or belongs to other pairs / another starting model."""
@@ -192,8 +220,8 @@ def load_task_eval(ctx: StageContext, cfg: DPOStageConfig) -> list[Any]:
     return list(load_records(path, "rl", on_bad_row=cfg.data.on_bad_row).records)
 
 
-def preference_eval(learners: Any, pairs: list[Pair], pad_id: int, micro_size: int,
-                    knobs: dict[str, Any], pack_len: Optional[int] = None) -> dict[str, float]:
+def preference_eval(learners: Learners, objective: DPOObjective, pairs: list[Pair], pad_id: int, micro_size: int,
+                    pack_len: Optional[int] = None) -> dict[str, float]:
     """Held-out pairs: pref_accuracy (implicit reward ranks chosen first; ties count 1/2),
     logp_accuracy (raw log-probs do), pref_loss and the reward margin, means over pairs.
     pack_len: pack each micro-batch into rows of that many tokens (as training does)."""
@@ -201,8 +229,8 @@ def preference_eval(learners: Any, pairs: list[Pair], pad_id: int, micro_size: i
     pairs = pairs[: len(pairs) - len(pairs) % world]
     if not pairs:
         return {}
-    micro = [[preference_batch(mb, pad_id, pack_len) for mb in rank] for rank in shard(pairs, world, micro_size)]
-    m = learners.evaluate(dpo_objective, micro, num_pairs=len(pairs), **knobs)
+    micro = micro_batches(pairs, world, micro_size, lambda mb: preference_batch(mb, pad_id, pack_len))
+    m = learners.evaluate(objective, micro, StepCounts(sequences=len(pairs)))
     return {"pref_accuracy": m["pref_accuracy"], "logp_accuracy": m["logp_accuracy"], "pref_loss": m["loss"],
             "reward_margin": m["rewards/margins"], "reward_chosen": m["rewards/chosen"],
             "reward_rejected": m["rewards/rejected"], "pref_pairs": m["pairs"]}

@@ -25,22 +25,57 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 import torch
 
 from posttrain.data import DataError, Example, PreferenceRecord, collate, encode_preference, encode_prompt
 from posttrain.data.collate import shifted_targets
 from posttrain.data.packing import best_fit_decreasing
+from posttrain.learner import Learners
 from posttrain.objectives import AnyPreferenceBatch, PackedPreferenceBatch, PreferenceBatch, reference_logprobs
-from posttrain.rollout.types import SamplingParams
+from posttrain.rollout import (
+    RewardConfig, RewardRunner, RolloutConfig, SamplingConfig, SamplingParams, generate_on_model,
+)
 
 ID_KEYS = ("prompt_ids", "chosen_ids", "rejected_ids")
 NO_LIMIT = 2**62  # encoding length when documents must not be cut (packed pairs)
+
+
+@dataclass(frozen=True)
+class PairsConfig:
+    """Where a `dpo` stage's preference pairs come from (the recipe's `stages[i].pairs:`).
+
+    `file`: data.train (and optionally data.eval) are preference datasets (prompt/chosen/
+    rejected, strings or chat messages; data.format: preference).
+    `policy`: data.train is a prompt file with answers (data.format: rl; default: the task's
+    prompts.jsonl); the stage's starting model samples `sampling.n` completions per prompt,
+    `reward` scores them, and the best vs the worst completion of each prompt becomes a pair
+    (prompts whose samples all score the same are dropped). Generated pairs are saved in the
+    stage dir and reused on resume. Held-out pairs: data.eval if given, else the last
+    `eval_fraction` of the pairs.
+    """
+
+    source: Literal["file", "policy"] = "file"  # pairs read from files, or sampled from the policy and scored
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # policy: how candidates are sampled
+    reward: RewardConfig = field(default_factory=RewardConfig)  # policy: how candidates are scored
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)  # policy: the engine on the learner's weights
+    num_prompts: Optional[int] = None  # policy: use the first N prompts (default: all)
+    eval_fraction: float = 0.1  # held-out share of the pairs when data.eval is not given
+
+    def __post_init__(self) -> None:
+        if self.source == "policy":
+            if self.sampling.n < 2:
+                raise ValueError(f"sampling.n: must be >= 2 (best vs worst), got {self.sampling.n}")
+            if not self.sampling.temperature > 0:
+                raise ValueError(f"sampling.temperature: must be > 0 (greedy samples are all equal), "
+                                 f"got {self.sampling.temperature}")
+        if self.num_prompts is not None and not self.num_prompts >= 1:
+            raise ValueError(f"num_prompts: must be >= 1, got {self.num_prompts}")
+        if not 0 <= self.eval_fraction < 1:
+            raise ValueError(f"eval_fraction: must be in [0, 1), got {self.eval_fraction}")
 
 
 @dataclass(frozen=True)
@@ -149,25 +184,6 @@ def preference_batch(pairs: Sequence[Pair], pad_id: int, pack_len: Optional[int]
 
 
 # ----------------------------------------------------------------------- generation
-@torch.no_grad()
-def sample_completions(model: torch.nn.Module, prompts: Sequence[Sequence[int]], params: SamplingParams,
-                       *, max_slots: int = 64) -> list[list[int]]:
-    """`params.n` sampled completions (token ids, stop token kept) per prompt, prompt-major.
-
-    Module-level so LearnerGroup.call_rank0 runs it on the learner's own weights."""
-    from posttrain.generation import engine_name
-    from posttrain.rollout.worker import ENGINES, RolloutConfig
-
-    was_training = model.training
-    model.eval()
-    try:
-        name = engine_name(model)
-        engine = ENGINES[name](model, RolloutConfig(engine=name, max_slots=max_slots))
-        return [list(c.token_ids) for c in engine.generate([list(p) for p in prompts], params)]
-    finally:
-        model.train(was_training)
-
-
 def select_pair(rewards: Sequence[float]) -> Optional[tuple[int, int]]:
     """(best, worst) sample indices (first on ties), or None when all rewards are equal."""
     best = max(range(len(rewards)), key=lambda i: (rewards[i], -i))
@@ -209,41 +225,23 @@ def build_pair_rows(records: Sequence[Any], prompt_ids: Sequence[list[int]], com
     return rows
 
 
-def generate_pair_rows(learners: Any, tokenizer: Any, records: Sequence[Any], cfg: Any, seed: int
+def generate_pair_rows(learners: Learners, tokenizer: Any, records: Sequence[Any], cfg: PairsConfig, seed: int
                        ) -> tuple[list[dict[str, Any]], dict[str, float]]:
-    """Sample cfg.num_samples completions per rl record on learner rank 0, score them with
-    cfg.reward (posttrain.rollout.rewards, as RL does) and keep best vs worst. `cfg`: PairsConfig."""
-    from posttrain.rollout.rewards import RewardConfig, RewardRunner
-
+    """Sample cfg.sampling.n completions per rl record on learner rank 0, score them with
+    cfg.reward (posttrain.rollout.rewards, as RL does) and keep best vs worst."""
     prompt_ids = [encode_prompt(r, tokenizer) for r in records]
-    params = SamplingParams(n=cfg.num_samples, temperature=cfg.temperature, top_p=cfg.top_p,
-                            max_new_tokens=cfg.max_new_tokens, stop_token_ids=(tokenizer.eos_token_id,), seed=seed)
-    completions = learners.call_rank0(sample_completions, prompt_ids, params, max_slots=cfg.max_slots)
+    params = SamplingParams.of(cfg.sampling, stop_token_ids=(tokenizer.eos_token_id,), seed=seed)
+    completions = learners.call_rank0(generate_on_model, prompt_ids, params, cfg.rollout)
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in completions]  # as rewards see them
-    k = cfg.num_samples
+    k = cfg.sampling.n
     refs = [r.answer for r in records for _ in range(k)]
     metas = [dict(r.meta) for r in records for _ in range(k)]
-    runner = RewardRunner(RewardConfig(fn=cfg.reward, num_workers=8))
-    rewards, reward_metrics = runner.score(texts, refs, metas)
+    rewards, reward_metrics = RewardRunner(cfg.reward).score(texts, refs, metas)
     shown = [tokenizer.decode(ids, skip_special_tokens=False) for ids in completions]
     rows = build_pair_rows(records, prompt_ids, completions, shown, rewards, k, exclude_ids=[tokenizer.pad_token_id])
     stats = {"prompts": float(len(records)), "pairs": float(len(rows)),
              "dropped_equal": float(len(records) - len(rows)), **reward_metrics}
     return rows, stats
-
-
-def write_jsonl_atomic(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ------------------------------------------------------------------------ reference
@@ -256,7 +254,7 @@ def fingerprint(pairs: Sequence[Pair], model: Optional[str]) -> str:
     return h.hexdigest()
 
 
-def compute_reference(learners: Any, pairs: Sequence[Pair], pad_id: int, micro_size: int,
+def compute_reference(learners: Learners, pairs: Sequence[Pair], pad_id: int, micro_size: int,
                       chunk_size: int, pack_len: Optional[int] = None) -> list[tuple[float, float]]:
     """(chosen, rejected) sequence log-probs of every pair under the learner's current weights,
     through the same batches as training (padded, or packed into rows of pack_len tokens).
@@ -264,7 +262,7 @@ def compute_reference(learners: Any, pairs: Sequence[Pair], pad_id: int, micro_s
     Called before the stage's first update, when the learner IS the reference model, so the
     learner never holds a second model."""
     batches = [preference_batch(pairs[i:i + micro_size], pad_id, pack_len) for i in range(0, len(pairs), micro_size)]
-    flat = learners.call_rank0(reference_logprobs, batches, chunk_size=chunk_size)
+    flat = learners.call_rank0(reference_logprobs, batches, chunk_size)
     out: list[tuple[float, float]] = []
     pos = 0
     for i in range(0, len(pairs), micro_size):

@@ -6,11 +6,11 @@ One step, top to bottom:
   2. rewards (posttrain.rollout.RewardRunner: a raising / hanging reward scores the fallback);
   3. filters: DAPO overlong penalty on the rewards; dynamic sampling drops groups whose rewards
      are all equal and samples extra prompt batches (up to filters.max_extra_rounds) to refill;
-  4. group advantages; sequences = prompt ids + completion ids exactly as sampled, loss on the
+  4. group advantages (optionally MiniMax-01's balanced ones); sequences = prompt ids + completion ids exactly as sampled, loss on the
      completion only (truncated completions masked if filters.mask_truncated);
   5. learner: log-probs of the sampling policy ("old"; with K = 1 the objective uses the current
      ones detached), train/inference mismatch metrics, optional frozen-reference log-probs (KL),
-     then K = updates_per_batch mini-batch optimizer steps with grpo_objective / cispo_objective;
+     then K = updates_per_batch mini-batch optimizer steps with the PolicyObjective of `loss`;
   6. weight sync (the version increments) -> metrics -> periodic eval and resumable state.
 
 A rollout worker that dies is rebuilt from the init checkpoint, given the current weights and
@@ -23,25 +23,99 @@ import math
 import random
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Literal, Optional
 
 import torch
 
 from posttrain.algorithms import (
-    dynamic_sampling_mask, group_advantages, mismatch_metrics, overlong_penalty, truncation_mask,
+    balanced_advantages, dynamic_sampling_mask, group_advantages, mismatch_metrics, overlong_penalty,
+    truncation_mask,
 )
-from posttrain.config import RLStageConfig
-from posttrain.data import encode_prompt
+from posttrain.data import encode_prompt, token_ids
 from posttrain.data.collate import IGNORE_INDEX
 from posttrain.evals import held_out_eval
-from posttrain.objectives import RL_OBJECTIVES, RLBatch, recompute_logprobs
+from posttrain.learner import Learners, ScheduleConfig
+from posttrain.objectives import CorrectionConfig, GRPOLoss, PolicyLoss, PolicyObjective, RLBatch, StepCounts
 from posttrain.progress import stage_progress
-from posttrain.rollout import Completion, RewardConfig, RewardRunner, RolloutConfig, SamplingParams
-from posttrain.stages.common import (
-    StageContext, batch_indices, end_of_step, finish_stage, resume_step, load_split,
-    resolve_data_paths, shard,
+from posttrain.rollout import (
+    Completion, RewardConfig, RewardRunner, RolloutBatch, RolloutConfig, SamplingConfig, SamplingParams,
 )
+from posttrain.stages.common import (
+    StageConfig, StageContext, batch_indices, end_of_step, finish_stage, load_split, micro_batches,
+    resolve_data_paths, resume_step,
+)
+
+
+@dataclass(frozen=True)
+class AdvantageConfig:
+    """How rewards become advantages (algorithms.group_advantages / balanced_advantages)."""
+
+    scale: Literal["group", "batch", "none"] = "group"  # divide by the group's / batch's std, or not (Dr. GRPO)
+    eps: float = 1e-4  # added to the std
+    balanced: bool = False  # MiniMax-01: equal total weight of positive and negative samples, by token count
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.eps) and self.eps > 0):
+            raise ValueError(f"eps: must be a finite number > 0, got {self.eps}")
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+    """DAPO rollout filters."""
+
+    dynamic_sampling: bool = True  # drop groups whose rewards are all equal and refill
+    max_extra_rounds: int = 2  # extra prompt batches sampled to refill
+    overlong_cache: int = 0  # > 0: soft overlong penalty over the last this-many tokens of max_new_tokens
+    overlong_penalty: float = 1.0  # the penalty at the budget's end
+    mask_truncated: bool = False  # zero the loss of completions cut by the length budget
+
+    def __post_init__(self) -> None:
+        if not self.max_extra_rounds >= 0:
+            raise ValueError(f"max_extra_rounds: must be >= 0, got {self.max_extra_rounds}")
+        if not self.overlong_cache >= 0:
+            raise ValueError(f"overlong_cache: must be >= 0, got {self.overlong_cache}")
+        if not (math.isfinite(self.overlong_penalty) and self.overlong_penalty >= 0):
+            raise ValueError(f"overlong_penalty: must be a finite number >= 0, got {self.overlong_penalty}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RLStageConfig(StageConfig):
+    """Online RL (GRPO / CISPO / a custom loss). One step = one rollout batch of
+    prompts_per_step x sampling.n completions -> `updates_per_batch` optimizer steps (the batch
+    split into that many mini-batches) -> one weight sync."""
+
+    kind: Literal["rl"] = "rl"
+    prompts_per_step: int = 16  # prompts of one rollout batch (before filters)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # n is GRPO's group size
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)  # the engine of the rollout workers
+    loss: PolicyLoss = field(default_factory=GRPOLoss)
+    correction: Optional[CorrectionConfig] = None  # TIS/MIS weight for the engine-vs-learner mismatch; null: off
+    advantages: AdvantageConfig = field(default_factory=AdvantageConfig)
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    updates_per_batch: int = 1  # optimizer steps per rollout batch (> 1: off-policy, old log-probs kept)
+    micro_size: int = 32  # sequences per learner micro-batch
+    schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(kind="constant"))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        s, d = self.sampling, self.data
+        checks = [
+            (self.prompts_per_step >= 1, "prompts_per_step", f"must be >= 1, got {self.prompts_per_step}"),
+            (s.n >= 2, "sampling.n", f"must be >= 2 (group advantages need 2 samples), got {s.n}"),
+            (s.temperature > 0, "sampling.temperature", f"must be > 0 for RL sampling, got {s.temperature}"),
+            (self.updates_per_batch >= 1, "updates_per_batch", f"must be >= 1, got {self.updates_per_batch}"),
+            (self.micro_size >= 1, "micro_size", f"must be >= 1, got {self.micro_size}"),
+            (self.filters.overlong_cache <= s.max_new_tokens, "filters.overlong_cache",
+             f"must be in [0, sampling.max_new_tokens={s.max_new_tokens}], got {self.filters.overlong_cache}"),
+            (d.format == "rl", "data.format", f"must be 'rl' for an rl stage, got {d.format!r}"),
+            (not d.pack, "data.pack", "only sft and dpo stages pack their data"),
+            (not d.mix, "data.mix", "only sft stages mix data sources"),
+        ]
+        for ok, key, msg in checks:
+            if not ok:
+                raise ValueError(f"{key}: {msg}")
 
 
 @dataclass(frozen=True)
@@ -55,34 +129,29 @@ class Sample:
     advantage: float = 0.0
 
 
-def run_rl(ctx: StageContext, cfg: RLStageConfig, learners: Any) -> dict[str, Any]:
+def run_rl(ctx: StageContext, cfg: RLStageConfig, learners: Learners) -> dict[str, Any]:
     from posttrain.cluster import RolloutGroup
-    from posttrain.generation import engine_name
-    from posttrain.pipeline import token_ids
     from posttrain.weight_sync import ObjectStoreWeightSync
 
     train_path, eval_path = resolve_data_paths(ctx, cfg.data, "rl")
     train_records = load_split(train_path, cfg.data, ctx.console)
     eval_records = load_split(eval_path, cfg.data, ctx.console)
     prompts = [encode_prompt(r, ctx.tokenizer) for r in train_records]
-    rewards = RewardRunner(RewardConfig(**dataclasses.asdict(cfg.reward)))
-    objective, knobs = RL_OBJECTIVES[cfg.loss.kind], loss_knobs(cfg)
+    rewards = RewardRunner(cfg.reward)
+    objective = PolicyObjective(cfg.loss, cfg.sampling, cfg.correction, chunk_size=cfg.learner.loss_chunk_size)
 
     learners.configure(cfg.optim, cfg.schedule, cfg.learner, cfg.steps * cfg.updates_per_batch)
     start = resume_step(ctx, learners, cfg.name)
 
-    engine = cfg.rollout.engine or learners.call_rank0(engine_name)
-    rollout_cfg = RolloutConfig(engine=engine, max_slots=cfg.rollout.max_slots,
-                                weight_bucket_mb=cfg.rollout.weight_bucket_mb)
     ids = token_ids(ctx.tokenizer)
-    rollouts = RolloutGroup(ctx.recipe.cluster, rollout_cfg, ctx.recipe.model, ctx.init_path, token_ids=ids)
+    rollouts = RolloutGroup(ctx.cluster, cfg.rollout, ctx.model, ctx.init_path, token_ids=ids)
     sync = ObjectStoreWeightSync(learners, rollouts, bucket_mb=cfg.rollout.weight_bucket_mb, version=start)
     # Workers load the init checkpoint; after a resume (or from a fresh preset) the learner holds
     # other weights, so the first push is unconditional.
     sync.push(start)
     reference = reference_policy(ctx, cfg, ids)
 
-    def generate(prompt_ids: list[list[int]], params: SamplingParams):
+    def generate(prompt_ids: list[list[int]], params: SamplingParams) -> RolloutBatch:
         return generate_with_recovery(rollouts, sync, prompt_ids, params, ctx.console)
 
     def evaluate(step: int) -> dict[str, Any]:
@@ -100,7 +169,7 @@ def run_rl(ctx: StageContext, cfg: RLStageConfig, learners: Any) -> dict[str, An
                 samples, metrics = collect_samples(ctx, cfg, step, prompts, train_records, generate, rewards, timer)
                 if samples:
                     with timer("learner"):
-                        metrics.update(learn(ctx, cfg, learners, reference, samples, objective, knobs, step))
+                        metrics.update(learn(ctx, cfg, learners, reference, samples, objective, step))
                     with timer("sync"):
                         sync.push(step + 1)
                 else:  # every group had equal rewards in every round: nothing to learn from
@@ -113,12 +182,12 @@ def run_rl(ctx: StageContext, cfg: RLStageConfig, learners: Any) -> dict[str, An
         rollouts.shutdown()
         if reference is not None:
             reference.shutdown()
-    return finish_stage(ctx, learners, "rl", cfg.name, cfg, final, last)
+    return finish_stage(ctx, learners, cfg, final, last)
 
 
 # ------------------------------------------------------------------------------ phases
 def generate_with_recovery(rollouts: Any, sync: Any, prompt_ids: list[list[int]], params: SamplingParams,
-                           console: Any) -> Any:
+                           console: Any) -> RolloutBatch:
     """rollouts.generate; if workers died, they were rebuilt from the init checkpoint: push
     them the current weights and version (nothing trained is lost), then retry once."""
     from posttrain.cluster import RolloutWorkerLost
@@ -156,13 +225,14 @@ def sampling_seed(seed: int, step: int, round_: int) -> int:
 
 
 def collect_samples(ctx: StageContext, cfg: RLStageConfig, step: int, prompts: list[list[int]],
-                    records: list[Any], generate: Any, rewards: RewardRunner,
+                    records: list[Any], generate: Callable[[list[list[int]], SamplingParams], RolloutBatch],
+                    rewards: RewardRunner,
                     timer: PhaseTimer) -> tuple[list[Sample], dict[str, float]]:
     """Generate, score and filter until `prompts_per_step` informative groups are kept (or the
     extra rounds run out). Reward/accuracy metrics describe the first round (an unbiased draw
     of the current policy); filter metrics describe all rounds."""
-    s, flt = cfg.rollout.sampling, cfg.filters
-    want = cfg.rollout.prompts_per_step
+    flt = cfg.filters
+    want = cfg.prompts_per_step
     rounds = 1 + (flt.max_extra_rounds if flt.dynamic_sampling else 0)
     kept: list[list[Sample]] = []
     metrics: dict[str, float] = {}
@@ -170,10 +240,8 @@ def collect_samples(ctx: StageContext, cfg: RLStageConfig, step: int, prompts: l
     for rnd in range(rounds):
         # Round r of step t reads the prompt slice of "virtual step" t * rounds + r.
         idx = batch_indices(len(prompts), want, step * rounds + rnd, ctx.seed)
-        params = SamplingParams(n=s.group_size, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                                max_new_tokens=s.max_new_tokens, stop_token_ids=(ctx.tokenizer.eos_token_id,),
-                                seed=sampling_seed(ctx.seed, step, rnd), early_stop_run=s.early_stop_run,
-                                early_stop_prob=s.early_stop_prob)
+        params = SamplingParams.of(cfg.sampling, stop_token_ids=(ctx.tokenizer.eos_token_id,),
+                                   seed=sampling_seed(ctx.seed, step, rnd))
         with timer("generate"):
             batch = generate([prompts[i] for i in idx], params)
         with timer("reward"):
@@ -184,7 +252,7 @@ def collect_samples(ctx: StageContext, cfg: RLStageConfig, step: int, prompts: l
             metrics.update({k: v for k, v in batch.metrics.items() if not k.endswith("seconds")})
         seen += len(groups)
         informative = dynamic_sampling_mask(torch.tensor([x.reward for g in groups for x in g]),
-                                            s.group_size).tolist() if flt.dynamic_sampling else [True] * len(groups)
+                                            cfg.sampling.n).tolist() if flt.dynamic_sampling else [True] * len(groups)
         kept += [g for g, ok in zip(groups, informative) if ok]
         if len(kept) >= want:
             break
@@ -204,10 +272,10 @@ def score_groups(ctx: StageContext, cfg: RLStageConfig, completions: list[Comple
     lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float32)
     flt = cfg.filters
     if flt.overlong_cache:
-        shaped = shaped + overlong_penalty(lengths, cfg.rollout.sampling.max_new_tokens, flt.overlong_cache,
+        shaped = shaped + overlong_penalty(lengths, cfg.sampling.max_new_tokens, flt.overlong_cache,
                                            flt.overlong_penalty)
     samples = [Sample(prompt_ids[c.prompt_index], c, float(r), sc) for c, r, sc in zip(completions, shaped.tolist(), scores)]
-    G = cfg.rollout.sampling.group_size
+    G = cfg.sampling.n
     groups = [samples[i:i + G] for i in range(0, len(samples), G)]
     sc = torch.tensor(scores, dtype=torch.float32)
     metrics = {
@@ -222,29 +290,16 @@ def score_groups(ctx: StageContext, cfg: RLStageConfig, completions: list[Comple
 def with_advantages(groups: list[list[Sample]], cfg: RLStageConfig) -> list[list[Sample]]:
     if not groups:
         return groups
-    G = cfg.rollout.sampling.group_size
-    adv = group_advantages(torch.tensor([x.reward for g in groups for x in g]), G,
-                           scale=cfg.loss.advantage_scale).tolist()
-    flat = [dataclasses.replace(x, advantage=a) for x, a in zip((x for g in groups for x in g), adv)]
+    G, a = cfg.sampling.n, cfg.advantages
+    flat = [x for g in groups for x in g]
+    adv = group_advantages(torch.tensor([x.reward for x in flat]), G, scale=a.scale, eps=a.eps)
+    if a.balanced:
+        adv = balanced_advantages(adv, G, lengths=torch.tensor([len(x.completion.token_ids) for x in flat]))
+    flat = [dataclasses.replace(x, advantage=v) for x, v in zip(flat, adv.tolist())]
     return [flat[i:i + G] for i in range(0, len(flat), G)]
 
 
 # ------------------------------------------------------------------------------ learner
-def loss_knobs(cfg: RLStageConfig) -> dict[str, Any]:
-    """Keyword arguments of the chosen objective (besides the per-step normalisers)."""
-    lo = cfg.loss
-    common: dict[str, Any] = {"temperature": cfg.rollout.sampling.temperature,
-                              "chunk_size": cfg.learner.loss_chunk_size, "correction": None}
-    if lo.correction is not None:
-        common["correction"] = {"mode": lo.correction, "level": lo.correction_level,
-                                "high": lo.correction_high, "low": lo.correction_low}
-    if lo.kind == "cispo":
-        return {**common, "eps_high": lo.eps_high, "eps_low": lo.eps_low}
-    return {**common, "clip_low": lo.clip_low, "clip_high": lo.clip_high, "aggregation": lo.aggregation,
-            "kl_coef": lo.kl_coef, "kl_estimator": lo.kl_estimator, "ratio_level": lo.ratio_level,
-            "neg_adv_drop_ratio": lo.neg_adv_drop_ratio, "max_len": cfg.rollout.sampling.max_new_tokens}
-
-
 def to_rl_batch(samples: list[Sample], pad_id: int, mask_truncated: bool) -> RLBatch:
     """Right-padded RLBatch of prompt + completion ids; targets are the completion tokens only
     and rollout_logprobs sit at the same positions (position t scores token t + 1)."""
@@ -269,8 +324,8 @@ def to_rl_batch(samples: list[Sample], pad_id: int, mask_truncated: bool) -> RLB
                    torch.tensor([x.advantage for x in samples], dtype=torch.float32), rollout_lp)
 
 
-def learn(ctx: StageContext, cfg: RLStageConfig, learners: Any, reference: Any, samples: list[Sample],
-          objective: Any, knobs: dict[str, Any], step: int) -> dict[str, float]:
+def learn(ctx: StageContext, cfg: RLStageConfig, learners: Learners, reference: Optional[Learners],
+          samples: list[Sample], objective: PolicyObjective, step: int) -> dict[str, float]:
     """Old (and reference) log-probs, mismatch metrics, then K mini-batch optimizer steps.
     Returns learner metrics averaged over the K updates plus the mismatch metrics."""
     world, K = learners.world_size, cfg.updates_per_batch
@@ -279,13 +334,11 @@ def learn(ctx: StageContext, cfg: RLStageConfig, learners: Any, reference: Any, 
     minis = [[samples[i] for i in order[k::K]] for k in range(K)]
     minis = [m[: len(m) - len(m) % world] for m in minis]  # ranks need equal shares (drops < world)
     pad = ctx.tokenizer.pad_token_id
-    plans = [[[to_rl_batch(mb, pad, cfg.filters.mask_truncated) for mb in rank] for rank in shard(m, world, cfg.micro_size)]
+    plans = [micro_batches(m, world, cfg.micro_size, lambda mb: to_rl_batch(mb, pad, cfg.filters.mask_truncated))
              for m in minis if m]
     flat = [b for plan in plans for rank in plan for b in rank]
-    temp = cfg.rollout.sampling.temperature
-    old = learners.call_rank0(recompute_logprobs, flat, temperature=temp, chunk_size=cfg.learner.loss_chunk_size)
-    ref = (reference.call_rank0(recompute_logprobs, flat, temperature=temp, chunk_size=cfg.learner.loss_chunk_size)
-           if reference is not None else [None] * len(flat))
+    old = learners.call_rank0(objective.logprobs, flat)
+    ref = reference.call_rank0(objective.logprobs, flat) if reference is not None else [None] * len(flat)
     out = train_mismatch(flat, old)
     for b, o, r in zip(flat, old, ref):
         b.old_logprobs = o if K > 1 else None  # K == 1: the objective uses the current log-probs detached
@@ -293,14 +346,12 @@ def learn(ctx: StageContext, cfg: RLStageConfig, learners: Any, reference: Any, 
     per_update: list[dict[str, float]] = []
     for plan in plans:
         batches = [b for rank in plan for b in rank]
-        num_tokens = float(sum(b.mask.sum() for b in batches))
-        if num_tokens == 0:  # every completion masked (e.g. all truncated)
-            continue
         # Global normalisers of this optimizer step (all micro-batches, all ranks).
-        norms = {"num_tokens": num_tokens}
-        if cfg.loss.kind == "grpo":  # seq_mean / fixed_len divide by the step's sequence count
-            norms["num_sequences"] = float(sum(len(b.advantages) for b in batches))
-        m = learners.train_step(objective, plan, **norms, **knobs)
+        counts = StepCounts(tokens=float(sum(b.mask.sum() for b in batches)),
+                            sequences=float(sum(len(b.advantages) for b in batches)))
+        if counts.tokens == 0:  # every completion masked (e.g. all truncated)
+            continue
+        m = learners.train_step(objective, plan, counts)
         if not (math.isfinite(m["loss"]) and math.isfinite(m.get("grad_norm", 0.0))):
             # fp32 DeepSpeed applies the step anyway: the weights are now corrupt. Stop before a
             # sync spreads them; the newest state under <stage>/state/ is intact (--resume).
@@ -323,14 +374,15 @@ def train_mismatch(batches: list[RLBatch], learner_logprobs: list[torch.Tensor])
     return {f"mismatch/{k}": float(v) for k, v in m.items()}
 
 
-def reference_policy(ctx: StageContext, cfg: RLStageConfig, ids: dict[str, Any]) -> Optional[Any]:
-    """A frozen copy of the stage's init policy for the KL term (kl_coef > 0), or None.
+def reference_policy(ctx: StageContext, cfg: RLStageConfig, ids: dict[str, Any]) -> Optional[Learners]:
+    """A frozen copy of the stage's init policy when the loss needs one (a KL term), or None.
 
     A one-rank LearnerGroup of its own (never configured, so it has no optimizer); its
-    log-probs come from `recompute_logprobs` like the learner's old log-probs."""
-    if cfg.loss.kl_coef == 0:
+    log-probs come from the objective's `logprobs` like the learner's old log-probs."""
+    if not cfg.loss.needs_reference:
         return None
     from posttrain.cluster import LearnerGroup
 
-    cluster = dataclasses.replace(ctx.recipe.cluster, learners=1)
-    return LearnerGroup(cluster, ctx.recipe.model, ctx.init_path, token_ids=ids, seed=ctx.recipe.seed)
+    cluster = dataclasses.replace(ctx.cluster, learners=1)
+    return LearnerGroup(cluster, ctx.model.with_overrides(cfg.model_overrides), ctx.init_path, token_ids=ids,
+                        seed=ctx.run_seed)

@@ -15,21 +15,43 @@ the number of target tokens of the whole step. Eval rows with `length`/`depth` m
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence, Union
+from dataclasses import dataclass, field
+from typing import Any, Literal, Sequence, Union
 
-from posttrain.config import DataConfig, SFTStageConfig
-from posttrain.data import Batch, Example, PackedRow, collate, collate_packed, encode_sft, pack
+from posttrain.cluster import ClusterConfig
+from posttrain.data import Batch, DataConfig, Example, PackedRow, collate, collate_packed, encode_sft, pack
 from posttrain.data.collate import IGNORE_INDEX
 from posttrain.evals import held_out_eval
-from posttrain.objectives import sft_objective
+from posttrain.learner import Learners
+from posttrain.objectives import SFTObjective, StepCounts
 from posttrain.progress import stage_progress
 from posttrain.stages.common import (
-    StageContext, batch_indices, end_of_step, finish_stage, resume_step, load_split,
-    resolve_data_paths, shard,
+    BatchConfig, StageConfig, StageContext, batch_indices, end_of_step, finish_stage, load_split,
+    micro_batches, resolve_data_paths, resume_step,
 )
 
 
-def run_sft(ctx: StageContext, cfg: SFTStageConfig, learners: Any) -> dict[str, Any]:
+@dataclass(frozen=True, kw_only=True)
+class SFTStageConfig(StageConfig):
+    """Supervised fine-tuning (short- or long-context): the common stage fields plus `batch`."""
+
+    kind: Literal["sft"] = "sft"
+    batch: BatchConfig = field(default_factory=BatchConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        d = self.data
+        if d.format not in ("prompt_completion", "chat"):
+            raise ValueError(f"data.format: an sft stage reads prompt_completion or chat rows, got {d.format!r}")
+        if d.pack and self.batch.micro_size != 1:
+            raise ValueError(f"batch.micro_size: must be 1 with data.pack (one packed row of data.max_seq_len "
+                             f"tokens per micro-batch), got {self.batch.micro_size}")
+
+    def check_cluster(self, cluster: ClusterConfig) -> None:
+        self.batch.check_learners(cluster.learners)
+
+
+def run_sft(ctx: StageContext, cfg: SFTStageConfig, learners: Learners) -> dict[str, Any]:
     train_path, eval_path = resolve_data_paths(ctx, cfg.data, "sft")
     train_records = load_split(train_path, cfg.data, ctx.console)
     eval_records = load_split(eval_path, cfg.data, ctx.console)
@@ -41,9 +63,7 @@ def run_sft(ctx: StageContext, cfg: SFTStageConfig, learners: Any) -> dict[str, 
                           f"({n_tok / (len(units) * cfg.data.max_seq_len):.1%} full)")
     pad_id = ctx.tokenizer.pad_token_id
     world = learners.world_size
-    if cfg.batch.global_size % (cfg.batch.micro_size * world):
-        raise ValueError(f"{cfg.name}: batch.global_size {cfg.batch.global_size} must be a multiple of "
-                         f"micro_size x learners = {cfg.batch.micro_size * world}")
+    objective = SFTObjective(chunk_size=cfg.learner.loss_chunk_size)
 
     learners.configure(cfg.optim, cfg.schedule, cfg.learner, cfg.steps)
     start = resume_step(ctx, learners, cfg.name)
@@ -51,7 +71,7 @@ def run_sft(ctx: StageContext, cfg: SFTStageConfig, learners: Any) -> dict[str, 
     def evaluate(step: int) -> dict[str, Any]:
         # exact match; long-context retrieval rows: accuracy per (length, depth) + heatmap
         metrics = held_out_eval(ctx, learners, eval_records, cfg.data.task, cfg.eval, stage=cfg.name, step=step)
-        metrics.update(eval_loss(ctx, cfg, learners, eval_records))
+        metrics.update(eval_loss(ctx, cfg, learners, objective, eval_records))
         ctx.logger.log(cfg.name, "eval", step, metrics)
         return metrics
 
@@ -61,14 +81,13 @@ def run_sft(ctx: StageContext, cfg: SFTStageConfig, learners: Any) -> dict[str, 
     with stage_progress(ctx.console, cfg.name, cfg.steps, start) as bar:
         for step in range(start, cfg.steps):
             chosen = [units[i] for i in batch_indices(len(units), cfg.batch.global_size, step, ctx.seed)]
-            num_tokens = sum(n_targets(u) for u in chosen)
-            micro = micro_batches(chosen, world, cfg.batch.micro_size, pad_id)
-            last = learners.train_step(sft_objective, micro, num_tokens=num_tokens,
-                                       chunk_size=cfg.learner.loss_chunk_size)
+            counts = StepCounts(tokens=sum(n_targets(u) for u in chosen))
+            micro = micro_batches(chosen, world, cfg.batch.micro_size, lambda mb: collate_units(mb, pad_id))
+            last = learners.train_step(objective, micro, counts)
             bar.advance(loss=last["loss"])
             end_of_step(ctx, cfg, learners, step + 1, last, evaluate)
     final = evaluate(cfg.steps) if eval_records else {}
-    return finish_stage(ctx, learners, "sft", cfg.name, cfg, final, last)
+    return finish_stage(ctx, learners, cfg, final, last)
 
 
 Unit = Union[Example, PackedRow]
@@ -111,13 +130,13 @@ def n_targets(unit: Unit) -> int:
     return len([t for t in unit.loss_mask[1:] if t])  # position 0 is never a target
 
 
-def micro_batches(units: Sequence[Unit], world: int, micro_size: int, pad_id: int) -> list[list[Batch]]:
-    """ranks x micro-batches: right-padded examples, or one packed row [1, T] (micro_size 1)."""
-    return [[collate_packed(mb) if isinstance(mb[0], PackedRow) else collate(mb, pad_id) for mb in rank]
-            for rank in shard(units, world, micro_size)]
+def collate_units(units: Sequence[Unit], pad_id: int) -> Batch:
+    """One micro-batch: right-padded examples, or one packed row [1, T] (micro_size 1)."""
+    return collate_packed(units) if isinstance(units[0], PackedRow) else collate(units, pad_id)
 
 
-def eval_loss(ctx: StageContext, cfg: SFTStageConfig, learners: Any, records: list[Any]) -> dict[str, float]:
+def eval_loss(ctx: StageContext, cfg: SFTStageConfig, learners: Learners, objective: SFTObjective,
+              records: list[Any]) -> dict[str, float]:
     """Held-out token-mean NLL and perplexity (evaluated on the first `eval.limit` rows)."""
     import math
 
@@ -127,7 +146,8 @@ def eval_loss(ctx: StageContext, cfg: SFTStageConfig, learners: Any, records: li
     units = units[: len(units) - len(units) % world]
     if not units:
         return {}
-    num_tokens = sum(n_targets(u) for u in units)
-    micro = micro_batches(units, world, cfg.batch.micro_size, ctx.tokenizer.pad_token_id)
-    m = learners.evaluate(sft_objective, micro, num_tokens=num_tokens, chunk_size=cfg.learner.loss_chunk_size)
+    counts = StepCounts(tokens=sum(n_targets(u) for u in units))
+    pad_id = ctx.tokenizer.pad_token_id
+    m = learners.evaluate(objective, micro_batches(units, world, cfg.batch.micro_size,
+                                                   lambda mb: collate_units(mb, pad_id)), counts)
     return {"loss": m["loss"], "perplexity": math.exp(min(m["loss"], 50.0))}

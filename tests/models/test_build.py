@@ -58,7 +58,7 @@ def test_load_model_dispatches_on_model_type(tmp_path):
     build_model(ModelConfig(preset="tiny-hybrid", overrides={"num_hidden_layers": 2}), vocab_size=70).save_pretrained(
         tmp_path / "ours"
     )
-    got = load_model(tmp_path / "qwen", ModelConfig(path="x", fp32_lm_head=True, overrides={"rms_norm_eps": 1e-4}))
+    got = load_model(tmp_path / "qwen", ModelConfig(path=str(tmp_path / "qwen"), fp32_lm_head=True, overrides={"rms_norm_eps": 1e-4}))
     assert isinstance(got, Qwen2ForCausalLM) and got.config.posttrain_fp32_lm_head and got.config.rms_norm_eps == 1e-4
     torch.testing.assert_close(got.lm_head.weight, qwen.lm_head.weight, rtol=0, atol=0)
     ours = build_model(ModelConfig(path=str(tmp_path / "ours")), vocab_size=70)
@@ -66,6 +66,6 @@ def test_load_model_dispatches_on_model_type(tmp_path):
     with pytest.raises(ValueError, match="tokenizer has 71 tokens"):
         build_model(ModelConfig(path=str(tmp_path / "ours")), vocab_size=71)
     with pytest.raises(ValueError, match="model.overrides.nope"):
-        load_model(tmp_path / "qwen", ModelConfig(path="x", overrides={"nope": 1}))
+        load_model(tmp_path / "qwen", ModelConfig(path=str(tmp_path / "qwen"), overrides={"nope": 1}))
     with pytest.raises(FileNotFoundError, match="no config.json"):
-        load_model(tmp_path, ModelConfig(path="x"))
+        load_model(tmp_path, ModelConfig(path=str(tmp_path)))

@@ -9,7 +9,7 @@ import torch
 from posttrain.config import ModelConfig
 from posttrain.data import build_tokenizer
 from posttrain.models import build_model, forward_hidden, token_logprobs
-from posttrain.pipeline import token_ids
+from posttrain.data import token_ids
 
 
 def test_pad_token_inside_a_sequence_keeps_gradients_finite():

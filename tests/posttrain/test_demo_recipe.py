@@ -125,7 +125,7 @@ def test_final_model_keeps_arithmetic(demo):
     """RL trained on retrieval only: the arithmetic the model learned before must survive it."""
     from posttrain.config import ModelConfig
     from posttrain.data import TASKS, encode_prompt, load_records, load_tokenizer
-    from posttrain.generation import greedy_generate
+    from posttrain.rollout import SamplingParams, generate_on_model
     from posttrain.models import load_model
 
     _, run_dir, _, _, evals = demo
@@ -134,8 +134,8 @@ def test_final_model_keeps_arithmetic(demo):
     records = load_records(eval_file, "rl").records
     final = str(run_dir / "stages" / "04-cispo" / "final")
     model = load_model(final, ModelConfig(path=final))
-    outs = greedy_generate(model, [encode_prompt(r, tok) for r in records], max_new_tokens=8,
-                           stop_token_ids=[tok.eos_token_id])
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=8, stop_token_ids=(tok.eos_token_id,))
+    outs = generate_on_model(model, [encode_prompt(r, tok) for r in records], greedy)
     acc = sum(TASKS["arithmetic"].check(tok.decode(o, skip_special_tokens=True), r.answer)
               for r, o in zip(records, outs)) / len(records)
     dpo = evals["dpo"][-1]

@@ -1,4 +1,4 @@
-"""dpo_objective against an independent per-sequence reference, its global-pair normaliser
+"""DPOObjective against an independent per-sequence reference, its global-pair normaliser
 (micro-batches add up to the full batch), and the starting point (policy == reference)."""
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from posttrain.config import ModelConfig
 from posttrain.data import Example
 from posttrain.models import build_model
-from posttrain.objectives import dpo_objective, reference_logprobs
-from posttrain.pipeline import token_ids
+from posttrain.objectives import DPOObjective, IPOLoss, SigmoidDPOLoss, StepCounts, reference_logprobs
+from posttrain.data import token_ids
 from posttrain.stages.dpo_pairs import Pair, collate_pairs, with_reference
 
 torch.set_num_threads(1)
@@ -66,11 +66,11 @@ def grads(model) -> dict[str, torch.Tensor]:
 
 def test_matches_per_sequence_reference_loss_and_gradient(tok, model):
     pairs = make_pairs(tok, 5)
-    knobs = dict(beta=0.5, loss_type="sigmoid", label_smoothing=0.1, rpo_alpha=0.3)
+    objective = DPOObjective(SigmoidDPOLoss(beta=0.5, label_smoothing=0.1, rpo_alpha=0.3))
     expected = reference_loss(model, pairs, 0.5, 0.1, 0.3)
     expected.backward()
     g_ref = grads(model)
-    loss, metrics = dpo_objective(model, collate_pairs(pairs, tok.pad_token_id), num_pairs=5, **knobs)
+    loss, metrics = objective(model, collate_pairs(pairs, tok.pad_token_id), StepCounts(sequences=5))
     loss.backward()
     g = grads(model)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
@@ -81,13 +81,13 @@ def test_matches_per_sequence_reference_loss_and_gradient(tok, model):
 
 def test_micro_batches_sum_to_the_global_batch(tok, model):
     pairs = make_pairs(tok, 6, seed=1)
-    knobs = dict(beta=0.2, loss_type="ipo", label_smoothing=0.0, rpo_alpha=0.0)
-    full, m_full = dpo_objective(model, collate_pairs(pairs, tok.pad_token_id), num_pairs=6, **knobs)
+    objective = DPOObjective(IPOLoss(beta=0.2))
+    full, m_full = objective(model, collate_pairs(pairs, tok.pad_token_id), StepCounts(sequences=6))
     full.backward()
     g_full = grads(model)
     total, sums = 0.0, {}
     for part in (pairs[:2], pairs[2:]):  # unequal micro-batches, normalised by the global count
-        loss, m = dpo_objective(model, collate_pairs(part, tok.pad_token_id), num_pairs=6, **knobs)
+        loss, m = objective(model, collate_pairs(part, tok.pad_token_id), StepCounts(sequences=6))
         loss.backward()
         total += loss.item()
         for k, v in m.items():
@@ -109,7 +109,8 @@ def test_at_the_reference_every_pair_is_a_tie(tok, model):
     for p in pairs:  # independent check of the stored values
         assert p.ref_chosen == pytest.approx(seq_logp_alone(model, p.chosen).item(), abs=1e-4)
     # another batch layout than the one the reference was computed with: still ties
-    loss, m = dpo_objective(model, collate_pairs(pairs[::-1], tok.pad_token_id), num_pairs=6, beta=0.1)
+    loss, m = DPOObjective(SigmoidDPOLoss(beta=0.1))(model, collate_pairs(pairs[::-1], tok.pad_token_id),
+                                                     StepCounts(sequences=6))
     assert loss.item() == pytest.approx(math.log(2), abs=1e-4)  # -log sigmoid(0)
     assert float(m["pref_accuracy"]) == 0.5
     assert abs(float(m["rewards/margins"])) < 1e-5
@@ -120,8 +121,10 @@ def test_preference_accuracy_counts_implicit_reward_ranking(tok, model):
     flat = reference_logprobs(model, [collate_pairs(pairs, tok.pad_token_id).rows])
     # shift the reference so that pairs 0 and 1 favour chosen and pairs 2 and 3 rejected
     ref = [(flat[i] + (-1.0 if i < 2 else 1.0), flat[4 + i]) for i in range(4)]
-    _, m = dpo_objective(model, collate_pairs(with_reference(pairs, ref), tok.pad_token_id), num_pairs=4, beta=0.1)
+    _, m = DPOObjective(SigmoidDPOLoss(beta=0.1))(model, collate_pairs(with_reference(pairs, ref), tok.pad_token_id),
+                                                  StepCounts(sequences=4))
     assert float(m["pref_accuracy"]) == 0.5 and float(m["rewards/accuracies"]) == 0.5
     ref = [(flat[i] - 1.0, flat[4 + i]) for i in range(3)] + [(flat[3], flat[7])]
-    _, m = dpo_objective(model, collate_pairs(with_reference(pairs, ref), tok.pad_token_id), num_pairs=4, beta=0.1)
+    _, m = DPOObjective(SigmoidDPOLoss(beta=0.1))(model, collate_pairs(with_reference(pairs, ref), tok.pad_token_id),
+                                                  StepCounts(sequences=4))
     assert float(m["pref_accuracy"]) == pytest.approx(3.5 / 4)  # three wins and one tie

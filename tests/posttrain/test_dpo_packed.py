@@ -19,16 +19,17 @@ from posttrain.data import DataError, Example, load_records
 from posttrain.data.collate import IGNORE_INDEX
 from posttrain.models import build_model, set_gradient_checkpointing
 from posttrain.objectives import (
-    PackedPreferenceBatch, dpo_objective, policy_logprobs, reference_logprobs, segment_sums, sequence_logprobs,
+    DPOObjective, PackedPreferenceBatch, SigmoidDPOLoss, StepCounts, reference_logprobs, segment_sums,
+    sequence_logprobs, target_logprobs,
 )
-from posttrain.pipeline import token_ids
+from posttrain.data import token_ids
 from posttrain.stages.dpo_pairs import Pair, collate_pairs, compute_reference, encode_pairs, pack_pairs
 
 torch.set_num_threads(1)
 LIGHTNING_CHUNK = 64  # HybridModel.forward's default chunk_size
 # (prompt, chosen response, rejected response) lengths in tokens: documents of 19 to 131 tokens
 LENGTHS = [(12, 40, 7), (30, 101, 55), (5, 14, 60), (20, 3, 90), (41, 25, 25)]
-KNOBS = dict(beta=0.3, loss_type="sigmoid", label_smoothing=0.1, rpo_alpha=0.5, chunk_size=48)
+OBJECTIVE = DPOObjective(SigmoidDPOLoss(beta=0.3, label_smoothing=0.1, rpo_alpha=0.5), chunk_size=48)
 
 
 def make_model(tok, aux_coef: float = 0.0):
@@ -65,7 +66,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def loss_metrics_grads(model, batch, num_pairs: int):
     model.zero_grad(set_to_none=True)
-    loss, metrics = dpo_objective(model, batch, num_pairs=num_pairs, **KNOBS)
+    loss, metrics = OBJECTIVE(model, batch, StepCounts(sequences=num_pairs))
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     return loss.detach(), {k: float(v) for k, v in metrics.items()}, grads
@@ -124,7 +125,7 @@ def test_packed_loss_metrics_and_gradients_equal_padded(tok, max_seq_len, aux_co
     with torch.no_grad():
         row = packed.row(0)
         isolated = sequence_logprobs(model, row)[0]
-        logp, _ = policy_logprobs(model, dataclasses.replace(row, cu_seqlens=None, max_seqlen=None))
+        logp, _, _ = target_logprobs(model, dataclasses.replace(row, cu_seqlens=None, max_seqlen=None), chunk_size=1024)
         leaked = segment_sums(logp[0], row.cu_seqlens)
     assert rel_err(leaked[1:], isolated[1:]) > 1e-3 and rel_err(leaked[:1], isolated[:1]) <= 1e-5
 
@@ -135,8 +136,8 @@ def test_reference_logprobs_packed_equal_padded(tok):
 
     class RankZero:  # LearnerGroup.call_rank0 on a local model
         @staticmethod
-        def call_rank0(fn, *args, **kw):
-            return fn(model, *args, **kw)
+        def call_rank0(fn, *args):
+            return fn(model, *args)
 
     padded = compute_reference(RankZero, pairs, tok.pad_token_id, micro_size=2, chunk_size=48)
     packed = compute_reference(RankZero, pairs, tok.pad_token_id, micro_size=2, chunk_size=48, pack_len=160)
@@ -174,7 +175,7 @@ STAGE = {
     "stages": [{
         "name": "dpo", "kind": "dpo", "steps": 3,
         "data": {"format": "preference", "max_seq_len": 384, "pack": True},
-        "loss": {"beta": 0.5},
+        "loss": {"kind": "sigmoid", "beta": 0.5},
         "optim": {"lr": 1.0e-3},
         "schedule": {"kind": "constant"},
         "batch": {"global_size": 4, "micro_size": 2},

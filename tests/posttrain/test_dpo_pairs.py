@@ -12,11 +12,11 @@ import torch
 from posttrain.config import ConfigError, DPOStageConfig, ModelConfig, PairsConfig, load_recipe
 from posttrain.data import DataError, encode_preference, load_records, write_task
 from posttrain.models import build_model
-from posttrain.pipeline import token_ids
+from posttrain.rollout import RewardConfig, SamplingConfig
+from posttrain.data import token_ids
 from posttrain.stages.dpo import split_off
-from posttrain.stages.dpo_pairs import (
-    build_pair_rows, encode_pairs, generate_pair_rows, select_pair, write_jsonl_atomic,
-)
+from posttrain.checkpoint import write_jsonl_atomic
+from posttrain.stages.dpo_pairs import build_pair_rows, encode_pairs, generate_pair_rows, select_pair
 
 torch.set_num_threads(1)
 
@@ -60,8 +60,8 @@ class InProcessLearners:
     def __init__(self, model):
         self.model = model
 
-    def call_rank0(self, fn, *args, **kwargs):
-        return fn(self.model, *args, **kwargs)
+    def call_rank0(self, fn, *args):
+        return fn(self.model, *args)
 
 
 def test_generated_pairs_are_token_exact_and_reload_as_preference_data(tok, task, tmp_path):
@@ -69,7 +69,6 @@ def test_generated_pairs_are_token_exact_and_reload_as_preference_data(tok, task
     learners = InProcessLearners(build_model(ModelConfig(preset="tiny-hybrid"), **token_ids(tok)))
     records = load_records(task["prompts"], "rl").records
     # A random model never answers right, so score by length: samples differ, pairs form.
-    cfg = PairsConfig(source="policy", num_samples=4, max_new_tokens=6, reward="tests_reward:by_length")
     import sys
     import types
 
@@ -77,6 +76,8 @@ def test_generated_pairs_are_token_exact_and_reload_as_preference_data(tok, task
     mod.by_length = lambda text, ref, **meta: float(len(text))
     sys.modules["tests_reward"] = mod
     try:
+        cfg = PairsConfig(source="policy", sampling=SamplingConfig(n=4, max_new_tokens=6),
+                          reward=RewardConfig(fn="tests_reward:by_length"))
         rows, stats = generate_pair_rows(learners, tok, records, cfg, seed=3)
         again, _ = generate_pair_rows(learners, tok, records, cfg, seed=3)
     finally:
@@ -152,21 +153,22 @@ def recipe(tmp_path, data: str, extra: str = "") -> str:
 
 def test_recipe_keys_parse(tmp_path):
     cfg = load_recipe(recipe(tmp_path, "{task: arithmetic, format: rl}",
-                             "pairs: {source: policy, num_samples: 4, reward: exact_match}\n"
-                             "    loss: {beta: 0.2, loss_type: robust, label_smoothing: 0.1, rpo_alpha: 1.0}"))
+                             "pairs: {source: policy, sampling: {n: 4}, reward: {fn: exact_match}}\n"
+                             "    loss: {kind: robust, beta: 0.2, label_smoothing: 0.1, rpo_alpha: 1.0}"))
     st = cfg.stages[0]
     assert isinstance(st, DPOStageConfig)
-    assert (st.pairs.num_samples, st.loss.loss_type, st.loss.label_smoothing) == (4, "robust", 0.1)
+    assert (st.pairs.sampling.n, st.loss.kind, st.loss.label_smoothing) == (4, "robust", 0.1)
 
 
 @pytest.mark.parametrize("data,extra,error", [
     ("{task: arithmetic}", "pairs: {source: policy}", r"stages\[0\]\.data\.format: must be 'rl'"),
     ("{task: arithmetic, format: preference}", "", r"stages\[0\]\.data\.train: pairs\.source=file needs"),
-    ("{task: arithmetic, format: rl}", "pairs: {source: policy, num_samples: 1}", r"pairs\.num_samples: must be >= 2"),
-    ("{task: arithmetic, format: rl}", "pairs: {source: policy, reward: nope}", r"pairs\.reward: unknown reward"),
-    ("{task: arithmetic, format: rl}", "pairs: {source: policy}\n    loss: {loss_type: hinge, label_smoothing: 0.1}",
-     r"loss\.label_smoothing: 0\.1 is out of range for loss_type hinge"),
-    ("{task: arithmetic, format: rl}", "pairs: {source: policy}\n    loss: {beta: 0}", r"loss\.beta: must be > 0"),
+    ("{task: arithmetic, format: rl}", "pairs: {source: policy, sampling: {n: 1}}", r"pairs\.sampling\.n: must be >= 2"),
+    ("{task: arithmetic, format: rl}", "pairs: {source: policy, reward: {fn: nope}}", r"pairs\.reward\.fn: unknown reward"),
+    ("{task: arithmetic, format: rl}", "pairs: {source: policy}\n    loss: {kind: hinge, label_smoothing: 0.1}",
+     r"loss\.label_smoothing: unknown key"),
+    ("{task: arithmetic, format: rl}", "pairs: {source: policy}\n    loss: {kind: sigmoid, beta: 0}", r"loss\.beta: must be a finite number > 0"),
+    ("{task: arithmetic, format: rl}", "pairs: {source: policy}\n    loss: {beta: 0.1}", r"loss\.kind: required value missing"),
     ("{task: arithmetic, format: rl}", "pairs: {source: policy, eval_fraction: 1.0}", r"pairs\.eval_fraction"),
     ("{task: arithmetic, format: rl}", "pairs: {source: policy}\n    task_eval: /no/such.jsonl", r"task_eval: file not found"),
     ("{task: arithmetic, format: rl}", "pairs: {source: web}", r"stages\[0\]\.pairs\.source"),

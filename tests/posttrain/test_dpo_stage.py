@@ -29,9 +29,9 @@ stages:
     kind: dpo
     steps: 8
     data: {TASK}, format: rl, max_seq_len: 40}}
-    pairs: {{source: policy, num_samples: 4, max_new_tokens: 6, num_prompts: 48, eval_fraction: 0.25,
-            reward: "dpo_test_reward:by_length"}}
-    loss: {{beta: 0.1, rpo_alpha: 0.2}}
+    pairs: {{source: policy, sampling: {{n: 4, max_new_tokens: 6}}, num_prompts: 48, eval_fraction: 0.25,
+            reward: {{fn: "dpo_test_reward:by_length"}}}}
+    loss: {{kind: sigmoid, beta: 0.1, rpo_alpha: 0.2}}
     optim: {{lr: 1.0e-3}}
     batch: {{global_size: 8, micro_size: 4}}
     eval: {{every: 0, max_new_tokens: 4, limit: 16}}

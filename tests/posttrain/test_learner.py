@@ -16,7 +16,7 @@ import torch
 from posttrain.config import ClusterConfig, LearnerConfig, ModelConfig, OptimConfig, ScheduleConfig
 from posttrain.data import build_tokenizer, collate, encode_sft, load_records, write_task
 from posttrain.models import build_model, forward_hidden, token_logprobs
-from posttrain.pipeline import token_ids
+from posttrain.data import token_ids
 
 # The router loss is not additive over micro-batches (a product of batch means), so it is
 # switched off here; the objective weights it per micro-batch by token share.
@@ -52,7 +52,7 @@ def reference_update(tok, examples) -> dict[str, torch.Tensor]:
 
 def learner_update(tok, examples, *, learners: int, micro: int, zero: int) -> dict[str, torch.Tensor]:
     from posttrain.cluster import LearnerGroup
-    from posttrain.objectives import sft_objective
+    from posttrain.objectives import SFTObjective, StepCounts
     from posttrain.stages.common import shard
 
     group = LearnerGroup(ClusterConfig(learners=learners, cpus_per_learner=0.5), MODEL, None,
@@ -61,7 +61,7 @@ def learner_update(tok, examples, *, learners: int, micro: int, zero: int) -> di
         group.configure(OPTIM, SCHED, LearnerConfig(zero_stage=zero), 10)
         per_rank = [[collate(mb, tok.pad_token_id) for mb in rank] for rank in shard(examples, learners, micro)]
         num_tokens = sum(ex.n_trained for ex in examples)
-        group.train_step(sft_objective, per_rank, num_tokens=num_tokens)
+        group.train_step(SFTObjective(), per_rank, StepCounts(tokens=num_tokens))
         return group.state_dict()
     finally:
         group.shutdown()

@@ -16,11 +16,12 @@ from posttrain.config import (
     ConfigError, DataConfig, LearnerConfig, ModelConfig, OptimConfig, ScheduleConfig, load_recipe, recipe_path,
 )
 from posttrain.data import collate, collate_packed, load_records, pack, write_task
-from posttrain.evals import cell_accuracy, has_cells, plot_cells, _per_cell_limit
+from posttrain.data.tasks.needle import cell_accuracy, has_cells, per_cell_limit, plot_cells
 from posttrain.models import build_model, load_model
-from posttrain.objectives import sft_objective
-from posttrain.pipeline import stage_model_config, token_ids
-from posttrain.stages.sft import encode, micro_batches, n_targets, training_units
+from posttrain.data import token_ids
+from posttrain.objectives import SFTObjective, StepCounts
+from posttrain.stages.common import micro_batches
+from posttrain.stages.sft import collate_units, encode, n_targets, training_units
 
 torch.set_num_threads(1)
 
@@ -35,7 +36,7 @@ def needle_records(tmp_path_factory):
 
 def loss_and_grads(model, batch, num_tokens):
     model.zero_grad()
-    loss, metrics = sft_objective(model, batch, num_tokens=num_tokens, chunk_size=64)
+    loss, metrics = SFTObjective(chunk_size=64)(model, batch, StepCounts(tokens=num_tokens))
     loss.backward()
     return float(metrics["loss"]), float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -51,7 +52,7 @@ def test_packed_row_gives_the_padded_sft_loss_and_gradient(tok, needle_records):
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(preset="tiny-hybrid"), **token_ids(tok)).train()
-    packed = micro_batches(rows, 1, 1, tok.pad_token_id)[0][0]
+    packed = micro_batches(rows, 1, 1, lambda mb: collate_units(mb, tok.pad_token_id))[0][0]
     padded = collate(examples, tok.pad_token_id)
     nll_p, loss_p, g_p = loss_and_grads(model, packed, num_tokens)
     nll_r, loss_r, g_r = loss_and_grads(model, padded, num_tokens)
@@ -87,7 +88,7 @@ def test_packing_keeps_every_target_once(tok, needle_records, mode):
 def test_micro_batches_shard_rows_over_ranks(tok, needle_records):
     data = DataConfig(max_seq_len=256, pack=True)
     rows = training_units(encode(needle_records[0], tok, data), data)[:4]
-    per_rank = micro_batches(rows, 2, 1, tok.pad_token_id)
+    per_rank = micro_batches(rows, 2, 1, lambda mb: collate_units(mb, tok.pad_token_id))
     assert [len(r) for r in per_rank] == [2, 2]
     b = per_rank[1][0]
     assert b.input_ids.shape == (1, len(rows[2])) and torch.equal(b.cu_seqlens, rows[2].cu_seqlens)
@@ -111,8 +112,8 @@ def test_stage_model_overrides_set_the_rope_base_of_the_loaded_checkpoint(tok, t
     build_model(base, **token_ids(tok)).save_pretrained(tmp_path / "ckpt")
     cfg = _demo_with()
     long = dataclasses.replace(cfg.stages[0], model_overrides={"rope_parameters": {"rope_type": "default", "rope_theta": 1.0e7}})
-    assert stage_model_config(base, cfg.stages[0]) is base  # no stage overrides: unchanged
-    merged = stage_model_config(base, long)
+    assert base.with_overrides(cfg.stages[0].model_overrides) is base  # no stage overrides: unchanged
+    merged = base.with_overrides(long.model_overrides)
     assert merged.overrides == {"router_aux_loss_coef": 0.0, "rope_parameters": {"rope_type": "default", "rope_theta": 1.0e7}}
     old = load_model(tmp_path / "ckpt", base)
     new = load_model(tmp_path / "ckpt", merged)
@@ -158,7 +159,7 @@ def test_cell_accuracy_groups_by_length_and_depth():
 def test_needle_rows_have_cells_and_limit_keeps_every_cell(needle_records, tmp_path):
     train, ev = needle_records
     assert has_cells(ev) and not has_cells([dataclasses.replace(ev[0], meta={})])
-    limited = _per_cell_limit(list(ev), 9)  # 9 cells x 2 rows -> 1 row per cell
+    limited = per_cell_limit(list(ev), 9)  # 9 cells x 2 rows -> 1 row per cell
     assert len(limited) == 9 and len({(r.meta["length"], r.meta["depth"]) for r in limited}) == 9
     cells = cell_accuracy([r.meta["length"] for r in ev], [r.meta["depth"] for r in ev], [i % 2 == 0 for i in range(len(ev))])
     png = plot_cells(cells, tmp_path / "plots" / "x.png", "t")
@@ -170,7 +171,7 @@ def _stage_ctx(tok, tmp_path, recipe):
 
     from posttrain.stages.common import StageContext
 
-    return StageContext(recipe=recipe, run_dir=tmp_path, stage_dir=tmp_path / "stage", tokenizer=tok,
+    return StageContext(model=recipe.model, cluster=recipe.cluster, run_seed=recipe.seed, run_dir=tmp_path, stage_dir=tmp_path / "stage", tokenizer=tok,
                         tokenizer_dir=tmp_path / "tok", init_path=None, logger=None,
                         console=Console(quiet=True), seed=recipe.seed)
 
@@ -226,7 +227,7 @@ def test_data_mix_only_in_sft_stages(tmp_path):
     raw["stages"][dpo]["data"]["mix"] = [{"task": "arithmetic"}]
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(raw))
-    with pytest.raises(ConfigError, match=rf"stages\[{dpo}\]\.data\.mix\[0\]: only sft stages mix"):
+    with pytest.raises(ConfigError, match=rf"stages\[{dpo}\]\.data\.mix: only sft stages mix"):
         load_recipe(str(path))
 
 
@@ -248,21 +249,22 @@ def test_held_out_eval_scores_cells_for_needle_rows_and_plain_accuracy_otherwise
     from posttrain.config import EvalConfig
     from posttrain.data import encode_prompt
     from posttrain.evals import held_out_eval
-    from posttrain.generation import greedy_generate
+    from posttrain.rollout import SamplingParams, generate_on_model
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(preset="tiny-hybrid", overrides={"num_hidden_layers": 2}), vocab_size=tok.vocab_size,
                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id).eval()
     files = write_task("needle", tmp_path / "needle", n_train=2, n_eval_per_cell=2, lengths=[40, 96], depths=[0.0, 1.0], seed=1)
     rows = load_records(files["rl_eval"], "rl").records
-    outs = greedy_generate(model, [encode_prompt(r, tok) for r in rows], max_new_tokens=3, stop_token_ids=[tok.eos_token_id])
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=3, stop_token_ids=(tok.eos_token_id,))
+    outs = generate_on_model(model, [encode_prompt(r, tok) for r in rows], greedy)
     own = [tok.decode(o, skip_special_tokens=True) for o in outs]
     rows = [dataclasses.replace(r, answer=own[i] if i % 2 == 0 else own[i] + "x") for i, r in enumerate(rows)]
 
     class RankZero:  # LearnerGroup.call_rank0 on the local model
         @staticmethod
-        def call_rank0(fn, *args, **kw):
-            return fn(model, *args, **kw)
+        def call_rank0(fn, *args):
+            return fn(model, *args)
 
     ctx = _stage_ctx(tok, tmp_path, load_recipe(recipe_path("demo")))
     cfg = EvalConfig(every=0, max_new_tokens=3)

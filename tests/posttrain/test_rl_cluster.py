@@ -9,14 +9,16 @@ from rich.console import Console
 
 from posttrain.cluster import LearnerGroup, RolloutGroup, RolloutWorkerLost
 from posttrain.config import ClusterConfig, LearnerConfig, ModelConfig, OptimConfig, ScheduleConfig
-from posttrain.objectives import recompute_logprobs
-from posttrain.rollout import RolloutConfig, SamplingParams
+from posttrain.objectives import GRPOLoss, PolicyObjective, SFTObjective, StepCounts
+from posttrain.rollout import RolloutConfig, SamplingConfig, SamplingParams
 from posttrain.stages.rl import Sample, generate_with_recovery, to_rl_batch
 from posttrain.weight_sync import ObjectStoreWeightSync
 
 IDS = dict(vocab_size=40, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 MODEL = ModelConfig(preset="tiny-hybrid", overrides={"num_hidden_layers": 2})
 PROMPTS = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16], [17, 18]]
+# log-probs at temperature 1, as the rl stage computes them on the learner
+recompute_logprobs = PolicyObjective(GRPOLoss(), SamplingConfig(temperature=1.0)).logprobs
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +54,8 @@ def max_diff_worker_vs_learner(learners, rollouts, index: int) -> float:
 
 def sgd_step(learners):
     """One real optimizer step so the learner's weights move away from what workers hold."""
-    from posttrain.objectives import sft_objective
-
     b = probe_batch().model_batch
-    learners.train_step(sft_objective, [[b]], num_tokens=b.n_targets)
+    learners.train_step(SFTObjective(), [[b]], StepCounts(tokens=b.n_targets))
 
 
 def test_sync_makes_worker_logprobs_equal_learner(group):

@@ -14,9 +14,9 @@ from posttrain.algorithms import group_advantages
 from posttrain.config import ModelConfig
 from posttrain.data import build_tokenizer, encode_prompt
 from posttrain.models import build_model
-from posttrain.objectives import cispo_objective, grpo_objective, recompute_logprobs
-from posttrain.pipeline import token_ids
-from posttrain.rollout import SamplingParams
+from posttrain.objectives import CISPOLoss, GRPOLoss, PolicyObjective, StepCounts
+from posttrain.data import token_ids
+from posttrain.rollout import SamplingConfig, SamplingParams
 from posttrain.rollout.native import NativeEngine
 from posttrain.stages.rl import Sample, to_rl_batch
 
@@ -52,15 +52,15 @@ def train(kind: str, sign: float) -> list[float]:
         batch = to_rl_batch(samples, tok.pad_token_id, mask_truncated=False)
         n_tok = float(batch.mask.sum())
         updates = 2 if kind == "cispo" else 1  # CISPO: two off-policy updates per batch, as in the demo
+        loss_cfg = CISPOLoss(eps_high=4.0) if kind == "cispo" else GRPOLoss(clip_low=0.2, clip_high=0.28,
+                                                                               aggregation="token_mean")
+        objective = PolicyObjective(loss_cfg, SamplingConfig(temperature=1.0, max_new_tokens=3))
+        counts = StepCounts(tokens=n_tok, sequences=float(len(samples)))
         if updates > 1:
-            batch.old_logprobs = recompute_logprobs(model, [batch])[0]
+            batch.old_logprobs = objective.logprobs(model, [batch])[0]
         for _ in range(updates):
             opt.zero_grad()
-            if kind == "grpo":
-                loss, _ = grpo_objective(model, batch, num_tokens=n_tok, num_sequences=float(len(samples)),
-                                         clip_low=0.2, clip_high=0.28, aggregation="token_mean")
-            else:
-                loss, _ = cispo_objective(model, batch, num_tokens=n_tok, eps_high=4.0)
+            loss, _ = objective(model, batch, counts)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()

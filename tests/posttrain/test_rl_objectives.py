@@ -9,11 +9,28 @@ import torch
 from posttrain.algorithms import cispo_loss, grpo_loss
 from posttrain.config import ModelConfig
 from posttrain.models import build_model
-from posttrain.objectives import RLBatch, cispo_objective, grpo_objective, recompute_logprobs
-from posttrain.rollout import Completion, SamplingParams
+from posttrain.objectives import CISPOLoss, GRPOLoss, PolicyObjective, RLBatch, StepCounts, target_logprobs
+from posttrain.rollout import Completion, SamplingConfig, SamplingParams
 from posttrain.stages.rl import Sample, to_rl_batch
 
 PAD = 0
+
+
+def objective(loss, temperature: float = 1.0) -> PolicyObjective:
+    """The rl stage's objective for `loss`, scoring log-probs at the sampling temperature."""
+    return PolicyObjective(loss, SamplingConfig(temperature=temperature, max_new_tokens=16))
+
+
+def recompute_logprobs(model, batches, temperature: float = 1.0):
+    return objective(GRPOLoss(), temperature).logprobs(model, batches)
+
+
+def cispo_objective(model, b, *, num_tokens, **loss):
+    return objective(CISPOLoss(**loss))(model, b, StepCounts(tokens=num_tokens))
+
+
+def grpo_objective(model, b, *, num_tokens, num_sequences, **loss):
+    return objective(GRPOLoss(**loss))(model, b, StepCounts(tokens=num_tokens, sequences=num_sequences))
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -183,9 +200,7 @@ def test_cispo_equals_reinforce_when_nothing_clipped(model):
 
     def reinforce():
         lp = padded(reference_logprobs(model, samples), b, samples)
-        from posttrain.objectives import _tempered_logprobs
-
-        _, _, aux = _tempered_logprobs(model, b.model_batch, temperature=1.0, chunk_size=1024, with_entropy=False)
+        _, _, aux = target_logprobs(model, b.model_batch, chunk_size=1024)
         return -(b.advantages[:, None] * lp * b.mask).sum() / n_tok + aux
 
     g_ref = grads(model, reinforce)

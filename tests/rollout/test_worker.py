@@ -5,7 +5,7 @@ import torch
 from posttrain.config import ModelConfig
 from posttrain.models.hybrid import HybridForCausalLM
 from posttrain.rollout.types import SamplingParams
-from posttrain.rollout.worker import RolloutConfig, RolloutWorker, weight_buckets
+from posttrain.rollout import RolloutConfig, RolloutWorker, weight_buckets
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,71 @@
+"""What every objective shares: the model's log-probs of a batch's targets, and running a
+function over batches without gradients (reference and 'old' log-probs)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Protocol, Sequence, TypeVar
+
+import torch
+
+from posttrain.data.collate import Batch, to_device
+from posttrain.models import eval_mode, forward_hidden, token_logprobs
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class StepCounts:
+    """Global counts of one optimizer step, across its micro-batches and learner ranks: the
+    normalisers every objective divides by (so 1xN == Nx1 and world size 2 == 1)."""
+
+    tokens: float = 0.0  # target tokens (sft: trained tokens; rl: completion tokens)
+    sequences: float = 0.0  # sequences (rl: seq_mean / fixed_len normaliser); pairs in dpo
+
+
+class Objective(Protocol):
+    """What a learner trains with: `objective(model, micro_batch, counts) -> (loss, metrics)`,
+    the loss already divided by the step's global counts and metrics given as contributions
+    that sum to the step's value over micro-batches and ranks. Frozen dataclasses in
+    posttrain.objectives (picklable: Ray ships them whole)."""
+
+    def __call__(self, model: torch.nn.Module, batch: Any, counts: StepCounts) -> tuple[torch.Tensor, dict[str, Any]]:
+        ...
+
+
+def target_logprobs(model: torch.nn.Module, batch: Batch, *, chunk_size: int, temperature: float = 1.0,
+                    with_entropy: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+    """log softmax(logits / temperature) of each target token `[B, T]` (0 where targets ==
+    IGNORE_INDEX), its entropy `[B, T]` (or None) and the router aux loss (a scalar).
+
+    The temperature is the sampling engine's (posttrain.rollout.types' log-prob convention);
+    logits / T == head(hidden / T) because the LM head has no bias, so the chunked head of
+    token_logprobs is reused unchanged."""
+    # The attention mask keeps right padding out of the router loss and out of attention:
+    # without it, padded positions (no loss of their own) feed exploding gradients back
+    # through the lightning layers' output norm.
+    hidden, aux = forward_hidden(model, batch.input_ids, position_ids=batch.position_ids,
+                                 cu_seqlens=batch.cu_seqlens, attention_mask=batch.attention_mask)
+    if temperature != 1.0:
+        if model.get_output_embeddings().bias is not None:
+            raise ValueError("sampling temperature != 1 needs an LM head without bias")
+        hidden = hidden / temperature
+    out = token_logprobs(model, hidden, batch.targets, chunk_size=chunk_size, with_entropy=with_entropy)
+    logp, entropy = out if with_entropy else (out, None)
+    return logp, entropy, aux
+
+
+@torch.no_grad()
+def map_batches(model: torch.nn.Module, batches: Sequence[Any], fn: Callable[[torch.nn.Module, Any], T]) -> list[T]:
+    """fn(model, batch) for each batch moved to the model's device, in eval mode and without
+    gradients (the model's mode is restored): the frame of every log-prob pass that trains
+    nothing (old / reference log-probs)."""
+    device = next(model.parameters()).device
+    with eval_mode(model):
+        return [fn(model, to_device(b, device)) for b in batches]
+
+
+def segment_sums(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Per-document sums `[N]` of `values` `[T]` over the documents of cu_seqlens `[N + 1]`."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()  # [N]
+    doc = torch.repeat_interleave(torch.arange(lengths.numel(), device=values.device), lengths.to(values.device))
+    return values.new_zeros(lengths.numel()).index_add(0, doc, values)
