@@ -33,6 +33,6 @@ def one_thread():
 @pytest.fixture(scope="session")
 def tok():
     """The char tokenizer the demo uses (built from its fixed alphabet, no files)."""
-    from posttrain.data import build_tokenizer
+    from posttrain.testing import char_tokenizer
 
-    return build_tokenizer("char")
+    return char_tokenizer()

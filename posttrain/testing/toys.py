@@ -33,18 +33,12 @@ def char_tokenizer() -> Any:
     return build_tokenizer("char")
 
 
-def token_ids(tokenizer: Any) -> dict[str, Any]:
-    """Vocabulary size and special ids a fresh model takes from its tokenizer."""
-    return {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
-            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
-
-
 def toy_hybrid(seed: int = 0, tokenizer: Any = None) -> nn.Module:
     """Our tiny MiniMax hybrid (preset ``tiny-hybrid``: 7 lightning + 1 softmax layer, 4 experts
     top-2, ~3M parameters) sized to the char tokenizer, in train mode. The native engine
     samples from it."""
-    from posttrain.config import ModelConfig
-    from posttrain.models import build_model
+    from posttrain.data import token_ids
+    from posttrain.models import ModelConfig, build_model
 
     tok = tokenizer if tokenizer is not None else char_tokenizer()
     with torch.random.fork_rng(devices=[]):
@@ -56,6 +50,8 @@ def toy_transformer(seed: int = 0, tokenizer: Any = None) -> nn.Module:
     """A tiny standard Hugging Face causal LM (Qwen2 architecture: 2 layers, hidden 128, head_dim
     64) sized to the char tokenizer, in train mode: a loss that runs on it runs on any HF model."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from posttrain.data import token_ids
 
     tok = tokenizer if tokenizer is not None else char_tokenizer()
     ids = token_ids(tok)

@@ -1,67 +1,50 @@
-"""The RL objectives optimise the reward: a fresh tiny model, sampled by the native engine, updated
-with grpo_objective / cispo_objective exactly as the rl stage builds its batches, raises the
-mean reward of its own samples on a fixed prompt set within a few steps; the same loop with the
-reward negated lowers it (so the test can fail on a sign or alignment error).
+"""The rl stage's objectives optimise the reward: posttrain.testing's toy hybrid, sampled by the
+native engine, updated with the stage's own PolicyObjective (grpo, cispo) on micro-batches built
+by the stage's own to_rl_batch (posttrain.testing.rl_batch_from_samples), raises the mean reward
+of its own samples on the toy task within a few steps; the same loop with the reward negated
+lowers it (so the test can fail on a sign or alignment error).
 
-Reward: the completion starts with a digit (~10% of a random model's first tokens).
+posttrain.testing.check_policy_optimises proves the same of the pure losses; this test proves
+it of the objective the learners actually run (temperature, aux loss, old log-probs for K = 2).
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-from posttrain.algorithms import group_advantages
-from posttrain.config import ModelConfig
-from posttrain.data import build_tokenizer, encode_prompt
-from posttrain.models import build_model
 from posttrain.objectives import CISPOLoss, GRPOLoss, PolicyObjective, StepCounts
-from posttrain.data import token_ids
 from posttrain.rollout import SamplingConfig, SamplingParams
 from posttrain.rollout.native import NativeEngine
-from posttrain.stages.rl import Sample, to_rl_batch
+from posttrain.testing import char_tokenizer, digit_task, rl_batch_from_samples, toy_hybrid
 
 G, STEPS = 8, 12
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def starts_with_digit(text: str) -> float:
-    return float(text[:1].isdigit())
-
-
 def train(kind: str, sign: float) -> list[float]:
     """Mean reward of each step's samples (before that step's update)."""
-    tok = build_tokenizer("char")
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(preset="tiny-hybrid"), **token_ids(tok)).train()
-    prompts = [encode_prompt(f"{a}+{b}=", tok) for a, b in
-               [(1, 2), (13, 4), (7, 70), (25, 31), (9, 9), (40, 2), (3, 58), (66, 6)]]
+    tok, task = char_tokenizer(), digit_task()
+    model = toy_hybrid(0, tok)
+    prompts = task.encode(tok)
+    loss = CISPOLoss(eps_high=4.0) if kind == "cispo" else GRPOLoss(clip_low=0.2, clip_high=0.28)
+    objective = PolicyObjective(loss, SamplingConfig(n=G, temperature=1.0, max_new_tokens=3))
+    updates = 2 if kind == "cispo" else 1  # CISPO: two off-policy updates per batch, as in the demo
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0)
     means = []
     for step in range(STEPS):
-        model.eval()
-        outs = NativeEngine(model, num_slots=64).generate(prompts, SamplingParams(
-            n=G, temperature=1.0, max_new_tokens=3, stop_token_ids=(tok.eos_token_id,), seed=step))
+        outs = NativeEngine(model, num_slots=64).generate(prompts, SamplingParams.of(
+            objective.sampling, stop_token_ids=(tok.eos_token_id,), seed=step))
         model.train()
-        rewards = torch.tensor([starts_with_digit(tok.decode(c.token_ids, skip_special_tokens=True)) for c in outs])
-        means.append(float(rewards.mean()))
-        adv = group_advantages(sign * rewards, G)
-        samples = [Sample(prompts[c.prompt_index], c, float(r), float(r), float(a))
-                   for c, r, a in zip(outs, rewards.tolist(), adv.tolist())]
-        batch = to_rl_batch(samples, tok.pad_token_id, mask_truncated=False)
-        n_tok = float(batch.mask.sum())
-        updates = 2 if kind == "cispo" else 1  # CISPO: two off-policy updates per batch, as in the demo
-        loss_cfg = CISPOLoss(eps_high=4.0) if kind == "cispo" else GRPOLoss(clip_low=0.2, clip_high=0.28,
-                                                                               aggregation="token_mean")
-        objective = PolicyObjective(loss_cfg, SamplingConfig(temperature=1.0, max_new_tokens=3))
-        counts = StepCounts(tokens=n_tok, sequences=float(len(samples)))
+        rewards = [task.reward(tok.decode(c.token_ids, skip_special_tokens=True)) for c in outs]
+        means.append(sum(rewards) / len(rewards))
+        batch = rl_batch_from_samples(prompts, outs, [sign * r for r in rewards], G, pad_token_id=tok.pad_token_id)
+        counts = StepCounts(tokens=float(batch.mask.sum()), sequences=float(len(outs)))
         if updates > 1:
             batch.old_logprobs = objective.logprobs(model, [batch])[0]
         for _ in range(updates):
             opt.zero_grad()
-            loss, _ = objective(model, batch, counts)
-            loss.backward()
+            objective(model, batch, counts)[0].backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
     return means
