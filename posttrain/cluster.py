@@ -1,9 +1,15 @@
-"""Ray: start (or join) the cluster and host learners and rollout workers as actors.
+"""Ray: start (or join) the cluster and place learners and rollout workers on it as actors.
 
 This is the only module that wraps plain classes with `ray.remote`; everything else is
-tested without Ray. `LearnerGroup` fans each call out to all DeepSpeed ranks and returns
-rank 0's answer (metrics are already all-reduced by the learner). `RolloutGroup` hosts
-`cluster.rollout_workers` RolloutWorkers, shards prompts across them and replaces dead ones.
+tested without Ray. `Placement` reserves Ray's own resources for a run in one placement group:
+with GPUs, one bundle of one GPU per learner rank, and the rollout workers either on the same
+GPUs (`colocated`, fractional GPU shares) or on GPUs of their own (`split`); on CPU, CPU
+bundles. Ray then sets each actor's CUDA_VISIBLE_DEVICES, and the actor binds the first GPU it
+sees (posttrain.learner.bind_device). `LearnerGroup` fans each call out to all DeepSpeed ranks
+and returns rank 0's answer (metrics are already all-reduced by the learner). `RolloutGroup`
+hosts `cluster.rollout_workers` RolloutWorkers, shards prompts across them and replaces dead
+ones. Multi-node is Ray's: with `cluster.address` the same placement spans the cluster's nodes,
+and the ranks meet at the node of bundle 0.
 """
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ import os
 import re
 import socket
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Literal, Optional, Sequence
 
 from posttrain.models import ModelConfig
 from posttrain.objectives.common import Objective, StepCounts
@@ -30,6 +36,14 @@ class ClusterConfig:
     rollout_workers: int = 1  # rollout actors of an rl stage
     cpus_per_learner: float = 1.0  # Ray CPU resource each learner reserves
     cpus_per_rollout_worker: float = 0.0  # Ray CPU resource each rollout worker reserves
+    num_gpus: Optional[int] = None  # GPUs of the local Ray instance (null: what Ray detects)
+    use_gpus: Optional[bool] = None  # one GPU per learner rank (and rollout GPUs); null: when the cluster has GPUs
+    # colocated: rollout workers share the learners' GPUs (worker i on rank i's GPU); split:
+    # learners on `learners` GPUs, rollout workers on `rollout_workers` GPUs of their own
+    placement: Literal["colocated", "split"] = "colocated"
+    # how new weights reach the rollout workers; auto: CUDA IPC when colocated on GPUs, a bucketed
+    # NCCL broadcast when split on GPUs, the Ray object store on CPU
+    weight_sync: Literal["auto", "object_store", "broadcast", "cuda_ipc"] = "auto"
     # torch intra-op threads in each learner and rollout process. 1 by default: learners and
     # workers share the machine, and oversubscribed OpenMP threads spin - a tiny-model SFT
     # step measured 0.27 s with 1 thread and 2.4 s with 2 on a busy 2-core machine.
@@ -46,6 +60,13 @@ class ClusterConfig:
             (self.cpus_per_rollout_worker >= 0, "cpus_per_rollout_worker",
              f"must be >= 0, got {self.cpus_per_rollout_worker}"),
             (self.torch_threads >= 1, "torch_threads", f"must be >= 1, got {self.torch_threads}"),
+            (self.num_gpus is None or self.num_gpus >= 0, "num_gpus", f"must be null or >= 0, got {self.num_gpus}"),
+            (self.num_gpus is None or self.address is None, "num_gpus",
+             "sets the GPUs of a local Ray instance; a cluster at `address` has its own"),
+            (self.use_gpus is not False or self.weight_sync != "cuda_ipc", "weight_sync",
+             "cuda_ipc needs use_gpus (colocated GPU workers)"),
+            (self.weight_sync != "cuda_ipc" or self.placement == "colocated", "weight_sync",
+             "cuda_ipc hands GPU memory to a worker on the same GPU: it needs placement colocated"),
         ]
         for ok, key, msg in checks:
             if not ok:
@@ -60,7 +81,9 @@ def start_ray(cluster: ClusterConfig) -> None:
     if cluster.address:
         ray.init(address=cluster.address, include_dashboard=False, log_to_driver=True)
     else:
-        ray.init(num_cpus=cluster.num_cpus or os.cpu_count(), include_dashboard=False,
+        # address "local": always a new instance of our own, never one a `ray start` left on this machine
+        ray.init(address="local", num_cpus=cluster.num_cpus or os.cpu_count(), num_gpus=cluster.num_gpus,
+                 include_dashboard=False,
                  log_to_driver=True, configure_logging=False)
 
 
@@ -73,29 +96,144 @@ def stop_ray() -> None:
 
 def _free_port() -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))
         return s.getsockname()[1]
 
 
+def _node_address() -> tuple[str, int]:
+    """(this node's IP, a free port on it): where the ranks of a process group meet."""
+    import ray
+
+    return ray.util.get_node_ip_address(), _free_port()
+
+
+def placement_info(device: Any) -> dict[str, Any]:
+    """What Ray assigned the calling actor and the device it bound (tests, logs)."""
+    import ray
+
+    ctx = ray.get_runtime_context()
+    return {"gpu_ids": sorted(str(g) for g in ray.get_gpu_ids()), "device": str(device),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "node_id": ctx.get_node_id(),
+            "local_rank": os.environ.get("LOCAL_RANK")}
+
+
+# GPU shares within one bundle (one GPU): colocated, a learner rank, its rollout worker and a
+# frozen reference policy (KL) share the GPU; split, the reference shares the learner's GPU.
+_SHARES = {("colocated", "learner"): 0.5, ("colocated", "rollout"): 0.25, ("colocated", "reference"): 0.25,
+           ("split", "learner"): 0.75, ("split", "rollout"): 1.0, ("split", "reference"): 0.25}
+
+
+class Placement:
+    """The run's reservation of Ray resources: one placement group whose bundles hold the
+    learner ranks (bundle r: rank r) and, when split, the rollout workers (bundles after them).
+    Never all ranks on one GPU, never a requested GPU idle: each learner rank and each split
+    rollout worker gets a bundle of exactly one GPU. Create once per run; `remove()` at the end."""
+
+    def __init__(self, cluster: ClusterConfig, *, timeout_s: float = 300.0):
+        import ray
+        from ray.util.placement_group import placement_group
+
+        self.cluster = cluster
+        have = ray.cluster_resources().get("GPU", 0)
+        self.gpus = cluster.use_gpus if cluster.use_gpus is not None else have >= 1
+        self.mode = cluster.placement
+        L, R = cluster.learners, cluster.rollout_workers
+        if self.gpus and self.mode == "colocated" and R > L:
+            raise ValueError(f"cluster.placement colocated puts rollout worker i on learner rank i's GPU: "
+                             f"cluster.rollout_workers ({R}) must be <= cluster.learners ({L}), or use split")
+        need = (L if self.mode == "colocated" else L + R) if self.gpus else 0
+        if need > have:
+            raise ValueError(f"cluster: the recipe needs {need} GPUs ({self.mode}: {L} learners, {R} rollout "
+                             f"workers), the Ray cluster has {have:g}")
+        learner = {"GPU": 1.0, "CPU": cluster.cpus_per_learner + (cluster.cpus_per_rollout_worker
+                                                                  if self.mode == "colocated" else 0.0)}
+        rollout = {"GPU": 1.0, "CPU": cluster.cpus_per_rollout_worker}
+        if not self.gpus:  # CPU: learners get CPU bundles (so ranks can meet at bundle 0's node)
+            learner, rollout = {"CPU": cluster.cpus_per_learner}, {"CPU": cluster.cpus_per_rollout_worker}
+        bundles = [learner] * L + ([rollout] * R if self.mode == "split" or not self.gpus else [])
+        bundles = [{k: v for k, v in b.items() if v > 0} for b in bundles]
+        self.rollout_bundles = self.gpus and self.mode == "split" or (not self.gpus and rollout.get("CPU", 0) > 0)
+        if not all(bundles[:L]):  # zero-resource learners (CPU, cpus_per_learner 0): nothing to place
+            self.group = None
+            return
+        if not self.rollout_bundles:
+            bundles = bundles[:L]
+        self.group = placement_group(bundles, strategy="PACK")
+        ready, _ = ray.wait([self.group.ready()], timeout=timeout_s)
+        if not ready:
+            raise RuntimeError(f"cluster: Ray could not reserve {bundles} within {timeout_s:.0f} s "
+                               f"(cluster resources: {ray.cluster_resources()})")
+
+    def _strategy(self, bundle: int) -> dict[str, Any]:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
+            placement_group=self.group, placement_group_bundle_index=bundle)}
+
+    def learner(self, rank: int, role: str = "learner") -> dict[str, Any]:
+        """Ray actor options of learner rank `rank` (role "reference": a frozen policy's rank)."""
+        c = self.cluster
+        if not self.gpus:
+            opts: dict[str, Any] = {"num_cpus": c.cpus_per_learner if role == "learner" else 0}
+            return {**opts, **(self._strategy(rank) if self.group is not None and role == "learner" else {})}
+        cpus = c.cpus_per_learner if role == "learner" else 0.0
+        return {"num_cpus": cpus, "num_gpus": _SHARES[(self.mode, role)], **self._strategy(rank)}
+
+    def rollout(self, index: int) -> dict[str, Any]:
+        """Ray actor options of rollout worker `index`."""
+        c = self.cluster
+        if not self.gpus:
+            opts = {"num_cpus": c.cpus_per_rollout_worker}
+            return {**opts, **(self._strategy(c.learners + index) if self.rollout_bundles and self.group else {})}
+        bundle = index if self.mode == "colocated" else c.learners + index
+        cpus = 0.0 if self.mode == "colocated" else c.cpus_per_rollout_worker  # colocated: in the learner's bundle
+        return {"num_cpus": cpus, "num_gpus": _SHARES[(self.mode, "rollout")], **self._strategy(bundle)}
+
+    def master(self) -> tuple[str, int]:
+        """(IP, free port) on the node of learner rank 0's bundle: where the ranks meet."""
+        import ray
+
+        if self.group is None:
+            return "127.0.0.1", _free_port()
+        task = ray.remote(num_cpus=0)(_node_address).options(**self._strategy(0))
+        return ray.get(task.remote())
+
+    def remove(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        if self.group is not None:
+            remove_placement_group(self.group)
+            self.group = None
+
+
 class LearnerGroup:
-    """`cluster.learners` DeepSpeed ranks, each a Ray actor holding a `Learner`."""
+    """`cluster.learners` DeepSpeed ranks, each a Ray actor holding a `Learner`, placed by
+    `placement` (default: a placement of its own, removed at shutdown). role "reference": a
+    frozen policy sharing the learners' GPUs (one rank)."""
 
     def __init__(self, cluster: ClusterConfig, model_cfg: ModelConfig, init_path: Optional[str],
-                 *, token_ids: dict[str, Any], seed: int):
+                 *, token_ids: dict[str, Any], seed: int, placement: Optional[Placement] = None,
+                 role: str = "learner"):
         import ray
 
         from posttrain.learner import DistInfo, Learner
 
         world = cluster.learners
-        port = _free_port()
+        self._own_placement = placement is None
+        self.placement = placement or Placement(cluster)
+        addr, port = self.placement.master() if role == "learner" else ("127.0.0.1", _free_port())
         threads = cluster.torch_threads
-        actor_cls = ray.remote(num_cpus=cluster.cpus_per_learner)(Learner)
         self.actors = [
-            actor_cls.remote(model_cfg, init_path, token_ids=token_ids, seed=seed,
-                             dist=DistInfo(rank, world, "127.0.0.1", port), threads=threads)
+            ray.remote(Learner).options(**self.placement.learner(rank, role)).remote(
+                model_cfg, init_path, token_ids=token_ids, seed=seed, dist=DistInfo(rank, world, addr, port),
+                threads=threads)
             for rank in range(world)
         ]
         self.world_size = world
+
+    def placements(self) -> list[dict[str, Any]]:
+        """Each rank's Ray GPU ids, visible devices and bound device (rank order)."""
+        return self._all("placement")
 
     def _all(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
         import ray
@@ -131,6 +269,10 @@ class LearnerGroup:
         (weight buckets go learner -> rollout workers without passing through the driver)."""
         return self.actors[0].call.remote(fn, *args)
 
+    def call_rank_async(self, rank: int, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(rank `rank`'s model, *args) as an ObjectRef (CUDA IPC handles of a colocated rank)."""
+        return self.actors[rank].call.remote(fn, *args)
+
     def state_dict(self) -> dict:
         import ray
 
@@ -151,6 +293,8 @@ class LearnerGroup:
         for a in self.actors:
             ray.kill(a)
         self.actors = []
+        if self._own_placement:
+            self.placement.remove()
 
 
 # ------------------------------------------------------------------------------ rollouts
@@ -185,12 +329,21 @@ class RolloutHost:
 
         return self.worker.update_weights((nt for ref in bucket_refs for nt in ray.get(ref)), version)
 
+    def load_with(self, source: Callable[..., Any], version: int, *args: Any) -> int:
+        """Load the named tensors `source(model, *args)` yields (a broadcast received, CUDA IPC
+        buffers mapped: posttrain.weight_sync), then advance to `version`."""
+        return self.worker.update_weights(source(self.worker.engine.model, *args), version)
+
     def policy_version(self) -> int:
         return self.worker.policy_version
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run `fn(model, *args)` on the engine's model (tests: weight-sync equality)."""
         return fn(self.worker.engine.model, *args)
+
+    def placement(self) -> dict[str, Any]:
+        """Where this worker runs: Ray's GPU ids, visible devices, the engine model's device."""
+        return placement_info(next(self.worker.engine.model.parameters()).device)
 
 
 def shard_seed(seed: int, shard: int) -> int:
@@ -204,19 +357,27 @@ class RolloutGroup:
     contiguous shards, one per worker, and the completions merged back in prompt order."""
 
     def __init__(self, cluster: ClusterConfig, rollout_cfg: Any, model_cfg: ModelConfig,
-                 init_path: Optional[str], *, token_ids: dict[str, Any]):
+                 init_path: Optional[str], *, token_ids: dict[str, Any], placement: Optional[Placement] = None):
         import ray
 
         n = cluster.rollout_workers
         threads = cluster.torch_threads
-        self._cls = ray.remote(num_cpus=cluster.cpus_per_rollout_worker, max_restarts=0)(RolloutHost)
+        self.placement = placement  # None: unplaced CPU workers (tests that build the group alone)
+        self._cpus = cluster.cpus_per_rollout_worker
+        self._cls = ray.remote(max_restarts=0)(RolloutHost)
         self._args = (rollout_cfg, model_cfg, init_path)
         self._kwargs = dict(token_ids=token_ids, threads=threads)
-        self.actors = [self._spawn() for _ in range(n)]
+        self.actors = [self._spawn(i) for i in range(n)]
         ray.get([a.policy_version.remote() for a in self.actors])  # surface build errors here
 
-    def _spawn(self) -> Any:
-        return self._cls.remote(*self._args, **self._kwargs)
+    def _spawn(self, index: int) -> Any:
+        opts = self.placement.rollout(index) if self.placement is not None else {"num_cpus": self._cpus}
+        return self._cls.options(**opts).remote(*self._args, **self._kwargs)
+
+    def placements(self) -> list[dict[str, Any]]:
+        import ray
+
+        return ray.get([a.placement.remote() for a in self.actors])
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -259,7 +420,7 @@ class RolloutGroup:
                 ray.get(a.policy_version.remote(), timeout=60)
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                 dead.append(i)
-                self.actors[i] = self._spawn()
+                self.actors[i] = self._spawn(i)
         return dead
 
     def update_weights(self, bucket_refs: list[Any], version: int,

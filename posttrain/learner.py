@@ -144,13 +144,28 @@ def init_distributed(dist: DistInfo) -> None:
 
     if tdist.is_initialized():
         return
+    # On CUDA each rank sees only the GPU(s) Ray assigned it (CUDA_VISIBLE_DEVICES), so its local
+    # device index is 0 whatever its global rank: DeepSpeed binds the device from LOCAL_RANK.
+    cuda = torch.cuda.is_available()
+    local = bind_device().index if cuda else dist.rank
     os.environ.update(
         MASTER_ADDR=dist.master_addr, MASTER_PORT=str(dist.master_port),
-        RANK=str(dist.rank), WORLD_SIZE=str(dist.world_size), LOCAL_RANK=str(dist.rank),
-        LOCAL_WORLD_SIZE=str(dist.world_size),
+        RANK=str(dist.rank), WORLD_SIZE=str(dist.world_size), LOCAL_RANK=str(local),
+        LOCAL_WORLD_SIZE=str(1 if cuda else dist.world_size),
     )
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
+
+
+def bind_device() -> torch.device:
+    """The device this process computes on. Ray gives each learner rank and rollout worker its
+    GPUs by setting CUDA_VISIBLE_DEVICES, so the process's first visible GPU is its own: never
+    a device picked by global rank (two ranks on one machine would then share cuda:0 or reach
+    across to cuda:1). CPU when there is no CUDA."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    torch.cuda.set_device(0)
+    return torch.device("cuda", 0)
 
 
 class Learner:
@@ -173,7 +188,7 @@ class Learner:
             self.model = load_model(init_path, model_cfg)
         else:
             self.model = build_model(model_cfg, **token_ids)
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.device = bind_device()
         self.model.to(self.device)
         self.engine = None
         self.step = 0
@@ -215,6 +230,8 @@ class Learner:
             ds_cfg["fp16"] = {"enabled": True}
         self.engine, _, _, _ = deepspeed.initialize(model=self.model, optimizer=opt,
                                                      lr_scheduler=sched, config=ds_cfg)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         self.step = 0
 
     # --------------------------------------------------------------- training
@@ -245,6 +262,8 @@ class Learner:
         out = _all_reduce_sum(totals)
         out["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         out["lr"] = float(eng.get_lr()[0])
+        if self.device.type == "cuda":  # since configure(): the stage's peak on this rank
+            out["gpu_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return out
 
     @torch.no_grad()
@@ -265,6 +284,12 @@ class Learner:
     @property
     def module(self) -> torch.nn.Module:
         return self.engine.module if self.engine is not None else self.model
+
+    def placement(self) -> dict[str, Any]:
+        """Where this rank runs (tests and logs): see posttrain.cluster.placement_info."""
+        from posttrain.cluster import placement_info
+
+        return placement_info(self.device)
 
     # ------------------------------------------------------------ weights
     def state_dict(self) -> dict[str, torch.Tensor]:

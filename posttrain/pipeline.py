@@ -57,13 +57,14 @@ def prepare_tokenizer(cfg: TokenizerConfig, run_dir: Path):
 
 def run_recipe(cfg: RecipeConfig, *, resume: bool = False, overwrite: bool = False,
                console: Optional[Console] = None) -> dict[str, Any]:
-    from posttrain.cluster import LearnerGroup, start_ray
+    from posttrain.cluster import LearnerGroup, Placement, start_ray
 
     console = console or Console()
     run_dir = prepare_run_dir(cfg, resume=resume or cfg.resume, overwrite=overwrite)
     tokenizer, tok_dir = prepare_tokenizer(cfg.tokenizer, run_dir)
     logger = MetricsLogger(run_dir)
     start_ray(cfg.cluster)
+    placement = Placement(cfg.cluster)
     manifests: dict[str, dict[str, Any]] = {}
     results: list[dict[str, Any]] = []
     previous: Optional[str] = None
@@ -79,23 +80,32 @@ def run_recipe(cfg: RecipeConfig, *, resume: bool = False, overwrite: bool = Fal
             else:
                 console.rule(f"stage {i}: {stage.name} ({stage.kind})")
                 ctx = StageContext(cfg.model, cfg.cluster, cfg.seed, run_dir, stage_dir, tokenizer, tok_dir,
-                                   init_path, logger, console, seed=cfg.seed + i)
+                                   init_path, logger, console, seed=cfg.seed + i, placement=placement)
                 learners = LearnerGroup(cfg.cluster, cfg.model.with_overrides(stage.model_overrides), init_path,
-                                        token_ids=token_ids(tokenizer), seed=cfg.seed)
+                                        token_ids=token_ids(tokenizer), seed=cfg.seed, placement=placement)
+                console.print(placement_line(learners.placements()), highlight=False)
                 try:
                     manifest = STAGES[stage.kind].run(ctx, stage, learners)
                 finally:
                     learners.shutdown()
             manifests[stage.name] = manifest
             results.append({"name": stage.name, "kind": stage.kind, "eval": manifest.get("eval", {}),
-                            "checkpoint": manifest["checkpoint"]})
+                            "throughput": manifest.get("throughput", {}), "checkpoint": manifest["checkpoint"]})
             previous = stage.name
     finally:
         logger.close()
+        placement.remove()
     summary = {"recipe": cfg.name, "run_dir": str(run_dir), "stages": results}
     write_json_atomic(run_dir / "summary.json", summary)
     console.print(summary_table(summary))
     return summary
+
+
+def placement_line(ranks: list[dict[str, Any]]) -> str:
+    """One line: where each learner rank runs (node, Ray's GPU ids, the device it bound)."""
+    return "learners: " + ", ".join(
+        f"rank {r} on node {p['node_id'][:8]} gpu {','.join(p['gpu_ids']) or '-'} ({p['device']})"
+        for r, p in enumerate(ranks))
 
 
 # Columns of the end-of-run table: the held-out numbers people look for first, per stage kind.
@@ -107,20 +117,26 @@ def summary_table(summary: dict[str, Any]) -> Table:
     """One row per stage: its headline held-out metrics (whichever it has), the rest in
     summary.json. Fits an 80-column terminal."""
     keys = [k for k in HEADLINE if any(isinstance(st["eval"].get(k), (int, float)) for st in summary["stages"])]
+    speed = [k for k in SPEED if any(k in st.get("throughput", {}) for st in summary["stages"])]
     table = Table(title=f"{summary['recipe']}: per-stage held-out eval (all metrics: summary.json)")
-    for col in ["stage", "kind", *(HEADLINE[k] for k in keys)]:
+    for col in ["stage", "kind", *(HEADLINE[k] for k in keys), *(SPEED[k] for k in speed)]:
         table.add_column(col, no_wrap=True)
     for st in summary["stages"]:
-        table.add_row(st["name"], st["kind"], *[_fmt(st["eval"].get(k)) for k in keys])
+        table.add_row(st["name"], st["kind"], *[_fmt(st["eval"].get(k)) for k in keys],
+                      *[_fmt(st.get("throughput", {}).get(k), 1) for k in speed])
     return table
 
 
-def _fmt(v: Any) -> str:
+# Throughput columns, shown when measured (GPU memory only on CUDA).
+SPEED = {"tokens_per_s": "tok/s", "gpu_peak_gib": "GPU GiB"}
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
     if v is None:
         return "-"
     if isinstance(v, float) and v.is_integer():
         return str(int(v))
-    return f"{v:.3f}" if isinstance(v, float) else str(v)
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
 def _yaml_safe(obj: Any) -> Any:

@@ -14,6 +14,7 @@ import hashlib
 import json
 import random
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, TypeVar
@@ -21,7 +22,7 @@ from typing import Any, Callable, Optional, Sequence, TypeVar
 from rich.console import Console
 
 from posttrain.checkpoint import CheckpointConfig, atomic_dir, clean_temp, write_json_atomic
-from posttrain.cluster import ClusterConfig
+from posttrain.cluster import ClusterConfig, Placement
 from posttrain.data import DataConfig
 from posttrain.evals import EvalConfig
 from posttrain.learner import Learners, LearnerConfig, OptimConfig, ScheduleConfig
@@ -105,6 +106,8 @@ class StageContext:
     logger: MetricsLogger
     console: Console
     seed: int
+    placement: Optional[Placement] = None  # the run's reservation of Ray resources (None: unplaced)
+    step_clock: float = field(default_factory=time.perf_counter)  # end of the previous step's bookkeeping
 
     @property
     def final_dir(self) -> Path:
@@ -200,19 +203,37 @@ def resume_step(ctx: StageContext, learners: Learners, name: str) -> int:
         start = learners.load_state(str(state))["step"]
         ctx.console.print(f"[cyan]{name}: resuming from step {start} ({state})[/cyan]")
     ctx.logger.truncate(name, start + 1)
+    ctx.step_clock = time.perf_counter()
     return start
 
 
 def end_of_step(ctx: StageContext, cfg: StageConfig, learners: Learners, done: int, metrics: dict[str, Any],
                 evaluate: Callable[[int], Any]) -> None:
     """After optimizer step `done` (1-based) of a stage: log its metrics, then the periodic
-    eval and resumable state (the final ones are written by the stage's end)."""
+    eval and resumable state (the final ones are written by the stage's end). `time/step` is the
+    step's wall time, evals and checkpoints excluded (the stage's throughput is computed from it)."""
+    metrics = {**metrics, "time/step": time.perf_counter() - ctx.step_clock}
     if done % cfg.log_every == 0 or done == cfg.steps:
         ctx.logger.log(cfg.name, "train", done, metrics)
     if cfg.eval.every and done % cfg.eval.every == 0 and done < cfg.steps:
         evaluate(done)
     if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < cfg.steps:
         save_state(ctx, learners, done, cfg.checkpoint)
+    ctx.step_clock = time.perf_counter()
+
+
+def throughput(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """A stage's training throughput from its logged train rows: trained tokens per second of
+    step wall time (rl: the whole step, generation included), and the learners' peak GPU memory."""
+    secs = sum(r.get("time/step", 0.0) for r in rows)
+    out = {"steps_logged": float(len(rows)), "seconds": secs}
+    tokens = sum(r.get("tokens", 0.0) for r in rows)
+    if secs > 0 and tokens > 0:
+        out["tokens_per_s"] = tokens / secs
+    peaks = [r["gpu_peak_gib"] for r in rows if "gpu_peak_gib" in r]
+    if peaks:
+        out["gpu_peak_gib"] = max(peaks)
+    return out
 
 
 def save_state(ctx: StageContext, learners: Learners, step: int, cfg: CheckpointConfig,
@@ -237,6 +258,7 @@ def finish_stage(ctx: StageContext, learners: Learners, stage_cfg: StageConfig,
         "name": stage_cfg.name, "kind": stage_cfg.kind, "checkpoint": str(ctx.final_dir),
         "tokenizer": str(ctx.tokenizer_dir), "init_from": ctx.init_path,
         "config": dataclasses.asdict(stage_cfg), "eval": eval_metrics, "train": train_metrics,
+        "throughput": throughput([r for r in ctx.logger.rows(stage_cfg.name) if r["split"] == "train"]),
         "plots": [str(p) for p in plots],
     }
     write_json_atomic(ctx.stage_dir / "manifest.json", manifest)

@@ -131,7 +131,7 @@ class Sample:
 
 def run_rl(ctx: StageContext, cfg: RLStageConfig, learners: Learners) -> dict[str, Any]:
     from posttrain.cluster import RolloutGroup
-    from posttrain.weight_sync import ObjectStoreWeightSync
+    from posttrain.weight_sync import make_weight_sync
 
     train_path, eval_path = resolve_data_paths(ctx, cfg.data, "rl")
     train_records = load_split(train_path, cfg.data, ctx.console)
@@ -144,8 +144,10 @@ def run_rl(ctx: StageContext, cfg: RLStageConfig, learners: Learners) -> dict[st
     start = resume_step(ctx, learners, cfg.name)
 
     ids = token_ids(ctx.tokenizer)
-    rollouts = RolloutGroup(ctx.cluster, cfg.rollout, ctx.model, ctx.init_path, token_ids=ids)
-    sync = ObjectStoreWeightSync(learners, rollouts, bucket_mb=cfg.rollout.weight_bucket_mb, version=start)
+    rollouts = RolloutGroup(ctx.cluster, cfg.rollout, ctx.model, ctx.init_path, token_ids=ids,
+                            placement=ctx.placement)
+    sync = make_weight_sync(ctx.cluster, ctx.placement, learners, rollouts, bucket_mb=cfg.rollout.weight_bucket_mb,
+                            version=start)
     # Workers load the init checkpoint; after a resume (or from a fresh preset) the learner holds
     # other weights, so the first push is unconditional.
     sync.push(start)
@@ -171,7 +173,7 @@ def run_rl(ctx: StageContext, cfg: RLStageConfig, learners: Learners) -> dict[st
                     with timer("learner"):
                         metrics.update(learn(ctx, cfg, learners, reference, samples, objective, step))
                     with timer("sync"):
-                        sync.push(step + 1)
+                        metrics.update(sync.push(step + 1))
                 else:  # every group had equal rewards in every round: nothing to learn from
                     ctx.console.print(f"[yellow]{cfg.name}: step {step + 1}: no informative group, no update[/yellow]")
                 last = {**metrics, **timer.metrics(), "policy_version": float(sync.version)}
@@ -385,4 +387,4 @@ def reference_policy(ctx: StageContext, cfg: RLStageConfig, ids: dict[str, Any])
 
     cluster = dataclasses.replace(ctx.cluster, learners=1)
     return LearnerGroup(cluster, ctx.model.with_overrides(cfg.model_overrides), ctx.init_path, token_ids=ids,
-                        seed=ctx.run_seed)
+                        seed=ctx.run_seed, placement=ctx.placement, role="reference")

@@ -1,6 +1,8 @@
 """Rollout workers on a local Ray instance: 2 RolloutWorker actors + 1 learner. Weight sync makes
 a worker's log-probs equal the learner's and bumps the version; prompts are sharded and merged
-in order; a killed worker is replaced and brought to the current weights and version."""
+in order; a killed worker is replaced and brought to the current weights and version. Every test
+runs with the object-store sync and with the process-group broadcast (gloo here; NCCL on GPUs,
+the split placement's path), whose group is rebuilt when a worker is replaced."""
 from __future__ import annotations
 
 import pytest
@@ -12,7 +14,7 @@ from posttrain.config import ClusterConfig, LearnerConfig, ModelConfig, OptimCon
 from posttrain.objectives import GRPOLoss, PolicyObjective, SFTObjective, StepCounts
 from posttrain.rollout import RolloutConfig, SamplingConfig, SamplingParams
 from posttrain.stages.rl import Sample, generate_with_recovery, to_rl_batch
-from posttrain.weight_sync import ObjectStoreWeightSync
+from posttrain.weight_sync import BroadcastWeightSync, ObjectStoreWeightSync
 
 IDS = dict(vocab_size=40, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 MODEL = ModelConfig(preset="tiny-hybrid", overrides={"num_hidden_layers": 2})
@@ -21,14 +23,15 @@ PROMPTS = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16], [17, 18]]
 recompute_logprobs = PolicyObjective(GRPOLoss(), SamplingConfig(temperature=1.0)).logprobs
 
 
-@pytest.fixture(scope="module")
-def group(ray_local):
+@pytest.fixture(scope="module", params=["object_store", "broadcast"])
+def group(ray_local, request):
     cluster = ClusterConfig(num_cpus=2, learners=1, rollout_workers=2)
     learners = LearnerGroup(cluster, MODEL, None, token_ids=IDS, seed=0)
     learners.configure(OptimConfig(lr=5e-2), ScheduleConfig(kind="constant"), LearnerConfig(), 10)
     # workers build the preset from an unseeded RNG: other weights than the learner until a push
     rollouts = RolloutGroup(cluster, RolloutConfig(engine="native", max_slots=8), MODEL, None, token_ids=IDS)
-    sync = ObjectStoreWeightSync(learners, rollouts, bucket_mb=0.25)  # small buckets: many of them
+    kind = {"object_store": ObjectStoreWeightSync, "broadcast": BroadcastWeightSync}[request.param]
+    sync = kind(learners, rollouts, bucket_mb=0.25)  # small buckets: many of them
     yield learners, rollouts, sync
     rollouts.shutdown()
     learners.shutdown()
