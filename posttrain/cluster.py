@@ -37,14 +37,16 @@ class ClusterConfig:
 
     def __post_init__(self) -> None:
         checks = [
-            (self.address is None or bool(_ADDRESS.match(self.address)), "address",
-             f"expected null, 'auto', host:port or ray://host:port, got {self.address!r}"),
+            (self.address is None or self.address == "auto" or (
+                bool(_ADDRESS.match(self.address)) and 1 <= int(self.address.rpartition(":")[2]) <= 65535), "address",
+             f"expected null, 'auto', host:port or ray://host:port (port 1-65535), got {self.address!r}"),
             (self.num_cpus is None or self.num_cpus >= 1, "num_cpus", f"must be null or >= 1, got {self.num_cpus}"),
             (self.learners >= 1, "learners", f"must be >= 1, got {self.learners}"),
             (self.rollout_workers >= 1, "rollout_workers", f"must be >= 1, got {self.rollout_workers}"),
-            (self.cpus_per_learner >= 0, "cpus_per_learner", f"must be >= 0, got {self.cpus_per_learner}"),
-            (self.cpus_per_rollout_worker >= 0, "cpus_per_rollout_worker",
-             f"must be >= 0, got {self.cpus_per_rollout_worker}"),
+            (0 <= self.cpus_per_learner < float("inf"), "cpus_per_learner",
+             f"must be a finite number >= 0, got {self.cpus_per_learner}"),
+            (0 <= self.cpus_per_rollout_worker < float("inf"), "cpus_per_rollout_worker",
+             f"must be a finite number >= 0, got {self.cpus_per_rollout_worker}"),
             (self.torch_threads >= 1, "torch_threads", f"must be >= 1, got {self.torch_threads}"),
         ]
         for ok, key, msg in checks:

@@ -122,7 +122,7 @@ def resolve_callable(spec: str) -> Callable[..., Any]:
         raise ValueError(f"expected 'module:function', got {spec!r}")
     try:
         module = importlib.import_module(module_name)
-    except Exception as exc:  # noqa: BLE001 - any import failure of user code is a config error
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - any import failure of user code is a config error
         raise ValueError(f"cannot import module {module_name!r}: {type(exc).__name__}: {exc}") from None
     fn = getattr(module, attr, None)
     if not callable(fn):

@@ -65,6 +65,15 @@ class StageConfig:
     def check_cluster(self, cluster: ClusterConfig) -> None:
         """Checks that need the cluster (a kind with a batch overrides this)."""
 
+    def check_files(self) -> None:
+        """Read every row of the stage's local data files (streamed) once the stage's own checks
+        passed; ValueError("data.<field>: <file>:<row>: <problem>"). A kind that reads more
+        files extends this."""
+        try:
+            self.data.check_rows()
+        except ValueError as e:
+            raise ValueError(f"data.{e}") from None
+
 
 @dataclass(frozen=True)
 class BatchConfig:
@@ -79,7 +88,9 @@ class BatchConfig:
     micro_size: int = 8  # per forward/backward on one learner
 
     def __post_init__(self) -> None:
-        if not (self.micro_size >= 1 and self.global_size >= 1 and self.global_size % self.micro_size == 0):
+        if not self.micro_size >= 1:
+            raise ValueError(f"micro_size: must be >= 1, got {self.micro_size}")
+        if not (self.global_size >= 1 and self.global_size % self.micro_size == 0):
             raise ValueError(f"global_size: {self.global_size} must be a positive multiple of micro_size "
                              f"{self.micro_size}")
 
