@@ -55,6 +55,10 @@ class ClusterConfig:
 
 
 def start_ray(cluster: ClusterConfig) -> None:
+    """Join `cluster.address`, or start a new local instance (docs/cluster.md, trust boundary):
+    address "local", so never another instance found on the machine (RAY_ADDRESS, the newest
+    `ray start` cluster); no dashboard; Ray's token authentication left as Ray sets it for a
+    new cluster (on since Ray 2.52 unless RAY_AUTH_MODE=disabled)."""
     import ray
 
     if ray.is_initialized():
@@ -62,7 +66,7 @@ def start_ray(cluster: ClusterConfig) -> None:
     if cluster.address:
         ray.init(address=cluster.address, include_dashboard=False, log_to_driver=True)
     else:
-        ray.init(num_cpus=cluster.num_cpus or os.cpu_count(), include_dashboard=False,
+        ray.init(address="local", num_cpus=cluster.num_cpus or os.cpu_count(), include_dashboard=False,
                  log_to_driver=True, configure_logging=False)
 
 

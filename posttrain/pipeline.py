@@ -26,6 +26,7 @@ from rich.table import Table
 from posttrain.checkpoint import atomic_dir, write_json_atomic
 from posttrain.config import ConfigError, RecipeConfig
 from posttrain.data import TokenizerConfig, token_ids
+from posttrain.faults import kill_point
 from posttrain.metrics import MetricsLogger
 from posttrain.stages import STAGES, StageContext
 
@@ -117,6 +118,7 @@ def run_recipe(cfg: RecipeConfig, *, resume: bool = False, overwrite: bool = Fal
                 finally:
                     learners.shutdown()
             manifests[stage.name] = manifest
+            kill_point("stage_done", stage.name)
             results.append({"name": stage.name, "kind": stage.kind, "eval": manifest.get("eval", {}),
                             "checkpoint": manifest["checkpoint"]})
             previous = stage.name
