@@ -58,7 +58,7 @@ def start_ray(cluster: ClusterConfig) -> None:
     """Join `cluster.address`, or start a new local instance (docs/cluster.md, trust boundary):
     address "local", so never another instance found on the machine (RAY_ADDRESS, the newest
     `ray start` cluster); no dashboard; Ray's token authentication left as Ray sets it for a
-    new cluster (on since Ray 2.52 unless RAY_AUTH_MODE=disabled)."""
+    new cluster (on in the pinned Ray 2.60 unless RAY_AUTH_MODE=disabled)."""
     import ray
 
     if ray.is_initialized():
