@@ -11,6 +11,7 @@ from posttrain.data.formats import (
     Record,
     RLRecord,
     load_records,
+    scan_file,
     validate_file,
 )
 from posttrain.data.packing import PackedRow, block_causal_mask, collate_packed, pack
@@ -31,7 +32,7 @@ from posttrain.data.config import DataConfig, MixSource
 __all__ = [
     "IGNORE_INDEX", "Batch", "collate",
     "ChatRecord", "DataError", "LoadResult", "Message", "PreferenceRecord", "PromptCompletionRecord",
-    "Record", "RLRecord", "load_records", "validate_file",
+    "Record", "RLRecord", "load_records", "scan_file", "validate_file",
     "PackedRow", "block_causal_mask", "collate_packed", "pack",
     "TASKS", "Task", "write_task",
     "EncodeStats", "Example", "encode_preference", "encode_prompt", "encode_sft", "encode_sft_dataset",

@@ -2,7 +2,9 @@
 
 Invalid values raise ValueError("<field>: ...") at construction; the recipe loader reports them
 under the key path (stages[i].data.<field>). Checks that depend on the stage kind (packing,
-mixing, the format a stage reads) live with the stage's own validator.
+mixing, the format a stage reads) live with the stage's own validator. The rows of local files
+are read by `check_rows`, which the recipe calls once the stage is known to be consistent (so a
+file in the wrong format is reported as such, not as its first row).
 """
 from __future__ import annotations
 
@@ -13,16 +15,44 @@ from typing import Any, Literal, Optional
 Format = Literal["prompt_completion", "chat", "preference", "rl"]
 
 
-def _known_task(task: Optional[str], key: str) -> None:
+def _known_task(task: Optional[str], key: str, args: dict[str, Any]) -> None:
+    """A task of TASKS whose writer takes every key of `args` (task_args)."""
+    import inspect
+
     from posttrain.data.tasks import TASKS
 
-    if task is not None and task not in TASKS:
+    if task is None:
+        return
+    if task not in TASKS:
         raise ValueError(f"{key}: unknown task {task!r} (known: {', '.join(sorted(TASKS))})")
+    params = inspect.signature(TASKS[task].write).parameters
+    takes = [n for n, p in params.items() if p.kind == p.KEYWORD_ONLY and n != "seed"]
+    for arg in args:
+        if arg not in takes:
+            raise ValueError(f"{key}_args.{arg}: not an argument of task {task!r} (its arguments: {', '.join(takes)})")
 
 
 def _existing(path: Optional[str], key: str) -> None:
-    if path is not None and not Path(path).exists():
+    if path is None:
+        return
+    try:
+        found = Path(path).exists()
+    except OSError as e:  # a name too long for the file system, ...
+        raise ValueError(f"{key}: {e.strerror}: {path}") from None
+    if not found:
         raise ValueError(f"{key}: file not found: {path}")
+
+
+def _rows_ok(path: Optional[str], key: str, format: str, on_bad_row: str) -> None:
+    """Every row of a local file parses as `format` (streamed), as the stage will read it."""
+    from posttrain.data.formats import DataError, scan_file
+
+    if path is None:
+        return
+    try:
+        scan_file(path, format, on_bad_row=on_bad_row)  # type: ignore[arg-type]
+    except DataError as e:
+        raise ValueError(f"{key}: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -40,10 +70,14 @@ class MixSource:
     def __post_init__(self) -> None:
         if (self.task is None) == (self.train is None):
             raise ValueError("task: set exactly one of task (a synthetic task) or train (a file)")
-        _known_task(self.task, "task")
+        _known_task(self.task, "task", self.task_args)
         _existing(self.train, "train")
         if self.max_examples is not None and not self.max_examples > 0:
             raise ValueError(f"max_examples: must be positive, got {self.max_examples}")
+
+    def check_rows(self) -> None:
+        """Read every row of `train` (streamed); ValueError("train: <file>:<row>: ...")."""
+        _rows_ok(self.train, "train", self.format, "error")
 
 
 @dataclass(frozen=True)
@@ -69,8 +103,20 @@ class DataConfig:
     mix: list[MixSource] = field(default_factory=list)  # sft only: more training sources mixed in
 
     def __post_init__(self) -> None:
-        _known_task(self.task, "task")
+        _known_task(self.task, "task", self.task_args)
         _existing(self.train, "train")
         _existing(self.eval, "eval")
         if not self.max_seq_len >= 1:
             raise ValueError(f"max_seq_len: must be >= 1, got {self.max_seq_len}")
+
+    def check_rows(self) -> None:
+        """Read every row of the local files (train, eval, mix[j].train) as the stage will, streamed:
+        ValueError("<field>: <file>:<row>: <problem>") for the first bad one (on_bad_row: error),
+        or for a file with no valid row at all (skip)."""
+        _rows_ok(self.train, "train", self.format, self.on_bad_row)
+        _rows_ok(self.eval, "eval", self.format, self.on_bad_row)
+        for j, m in enumerate(self.mix):
+            try:
+                m.check_rows()
+            except ValueError as e:
+                raise ValueError(f"mix[{j}].{e}") from None

@@ -1,9 +1,9 @@
 """Dataset formats, typed records, and loading from local files (no hub, no network).
 
-Files: `.jsonl` (one JSON object per line; blank lines ignored), `.json` (a list of objects),
-`.parquet`, or a directory written by `datasets.Dataset.save_to_disk` (a `DatasetDict`
-directory needs `split=`). Row numbers in errors are 1-based: the line number for `.jsonl`,
-the list/table index + 1 otherwise.
+Files: `.jsonl` (one JSON object per line, UTF-8; blank lines ignored), `.json` (a list of
+objects), `.parquet`, or a directory written by `datasets.Dataset.save_to_disk` (a
+`DatasetDict` directory needs `split=`). Row numbers in errors are 1-based: the line number
+for `.jsonl`, the list/table index + 1 otherwise.
 
 Formats (required keys; any other key of a row is kept in the record's `meta`):
 
@@ -16,8 +16,9 @@ Formats (required keys; any other key of a row is kept in the record's `meta`):
     rl                  prompt: str | messages, answer: str (the reference answer)
 
 Every string (prompt, completion, answer, message content) must be non-empty after stripping
-whitespace. A row that breaks a rule raises `DataError("<file> row <n>: <problem>")`, or with
+whitespace. A row that breaks a rule raises `DataError("<file>:<row>: <problem>")`, or with
 `on_bad_row="skip"` is counted in `LoadResult.n_skipped` with its message in `errors`.
+`scan_file` applies the same rules to every row without keeping the records (load-time checks).
 """
 from __future__ import annotations
 
@@ -184,9 +185,20 @@ def parse_row(row: Any, format: str) -> Record:
 # _RowError so it can be skipped like any other bad row.
 
 
+def _not_utf8(e: UnicodeDecodeError) -> str:
+    return f"not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})"
+
+
 def _read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    with path.open("r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    # bytes, decoded line by line: a file of random bytes is a bad row, not a decode error
+    # from deep inside the reader
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield lineno, _RowError(_not_utf8(e))
+                continue
             if not line.strip():
                 continue
             try:
@@ -197,7 +209,9 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
 
 def _read_json(path: Path) -> Iterator[tuple[int, Any]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: {_not_utf8(e)}") from None
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
     if not isinstance(data, list):
@@ -232,7 +246,11 @@ def _read_datasets_dir(path: Path, split: str | None) -> Iterator[tuple[int, Any
 
 
 def _rows(path: Path, split: str | None) -> Iterator[tuple[int, Any]]:
-    if not path.exists():
+    try:
+        exists = path.exists()
+    except OSError as e:  # e.g. a name too long for the file system
+        raise DataError(f"{path}: {e.strerror}") from None
+    if not exists:
         raise DataError(f"{path}: file not found")
     if path.is_dir():
         return _read_datasets_dir(path, split)
@@ -246,6 +264,32 @@ def _rows(path: Path, split: str | None) -> Iterator[tuple[int, Any]]:
     raise DataError(f"{path}: unsupported file type {suffix!r} (expected .jsonl, .json, .parquet or a datasets directory)")
 
 
+def _records(p: Path, format: str, on_bad_row: str, split: str | None) -> Iterator[Union[Record, str]]:
+    """Each row of `p` as its record, or (on_bad_row="skip") as its error message."""
+    if format not in _PARSERS:
+        raise DataError(f"unknown data format {format!r}; expected one of {', '.join(FORMATS)}")
+    if on_bad_row not in ("error", "skip"):
+        raise ValueError(f'on_bad_row must be "error" or "skip", got {on_bad_row!r}')
+    try:
+        for rowno, row in _rows(p, split):
+            try:
+                if isinstance(row, _RowError):
+                    raise row
+                yield parse_row(row, format)
+            except _RowError as e:
+                msg = f"{p}:{rowno}: {e}"
+                if on_bad_row == "error":
+                    raise DataError(msg) from None
+                yield msg
+    except OSError as e:  # unreadable: permissions, a directory named like a file, I/O errors
+        raise DataError(f"{p}: cannot read: {e.strerror or e}") from None
+
+
+def _none_valid(p: Path, format: str, n_bad: int, first: str) -> DataError:
+    detail = f" ({n_bad} bad rows, first: {first})" if n_bad else ""
+    return DataError(f"{p}: no valid {format} rows{detail}")
+
+
 def load_records(
     path: str | os.PathLike,
     format: str,
@@ -255,31 +299,37 @@ def load_records(
 ) -> LoadResult:
     """Load and validate every row of a local dataset file as typed records of `format`.
 
-    on_bad_row="error" raises DataError("<path> row <n>: <problem>") at the first bad row;
+    on_bad_row="error" raises DataError("<path>:<n>: <problem>") at the first bad row;
     "skip" drops bad rows, counting them. A missing file, an unreadable file, or a file with
     no valid rows at all raises DataError naming the file.
     """
-    if format not in _PARSERS:
-        raise DataError(f"unknown data format {format!r}; expected one of {', '.join(FORMATS)}")
-    if on_bad_row not in ("error", "skip"):
-        raise ValueError(f'on_bad_row must be "error" or "skip", got {on_bad_row!r}')
     p = Path(path)
     records: list = []
     errors: list[str] = []
-    for rowno, row in _rows(p, split):
-        try:
-            if isinstance(row, _RowError):
-                raise row
-            records.append(parse_row(row, format))
-        except _RowError as e:
-            msg = f"{p} row {rowno}: {e}"
-            if on_bad_row == "error":
-                raise DataError(msg) from None
-            errors.append(msg)
+    for item in _records(p, format, on_bad_row, split):
+        (errors if isinstance(item, str) else records).append(item)
     if not records:
-        detail = f" ({len(errors)} bad rows, first: {errors[0]})" if errors else ""
-        raise DataError(f"{p}: no valid {format} rows{detail}")
+        raise _none_valid(p, format, len(errors), errors[0] if errors else "")
     return LoadResult(records, len(errors), errors)
+
+
+def scan_file(path: str | os.PathLike, format: str, *, on_bad_row: Literal["error", "skip"] = "error",
+              split: str | None = None) -> tuple[int, int]:
+    """What load_records would say about `path`, streamed: every row parsed and dropped (a
+    .jsonl file is read line by line). Returns (valid rows, skipped rows); raises the same
+    DataError load_records would (the first bad row with on_bad_row="error")."""
+    p = Path(path)
+    valid = skipped = 0
+    first = ""
+    for item in _records(p, format, on_bad_row, split):
+        if isinstance(item, str):
+            skipped += 1
+            first = first or item
+        else:
+            valid += 1
+    if not valid:
+        raise _none_valid(p, format, skipped, first)
+    return valid, skipped
 
 
 def validate_file(path: str | os.PathLike, format: str, *, split: str | None = None) -> int:
@@ -288,4 +338,4 @@ def validate_file(path: str | os.PathLike, format: str, *, split: str | None = N
     Parses every row (cheap next to tokenization or training) and raises DataError naming
     the file and row of the first problem.
     """
-    return len(load_records(path, format, on_bad_row="error", split=split).records)
+    return scan_file(path, format, on_bad_row="error", split=split)[0]

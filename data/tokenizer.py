@@ -70,8 +70,18 @@ class TokenizerConfig:
     path: Optional[str] = None  # kind path: a saved Hugging Face tokenizer directory
 
     def __post_init__(self) -> None:
-        if self.kind == "path" and (not self.path or not Path(self.path).is_dir()):
-            raise ValueError(f"path: directory not found: {self.path}")
+        if self.kind != "path":
+            if self.path is not None:
+                raise ValueError(f"path: only with kind: path (kind is {self.kind!r}), got {self.path!r}")
+            return
+        try:
+            if not self.path or not Path(self.path).is_dir():
+                raise ValueError(f"path: directory not found: {self.path}")
+            if not any((Path(self.path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+                raise ValueError(f"path: {self.path} has no tokenizer.json or tokenizer_config.json "
+                                 "(not a saved Hugging Face tokenizer)")
+        except OSError as e:  # a name too long for the file system, ...
+            raise ValueError(f"path: {e.strerror}: {self.path}") from None
 
 
 def token_ids(tokenizer: Any) -> dict[str, Any]:

@@ -24,13 +24,33 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if (self.preset is None) == (self.path is None):
             raise ValueError("preset: set exactly one of model.preset or model.path")
-        if self.path is not None and not Path(self.path).is_dir():
-            raise ValueError(f"path: directory not found: {self.path}")
+        if self.path is not None:
+            _model_dir_ok(self.path)
         if self.preset is not None:
             from posttrain.models.presets import PRESETS
 
             if self.preset not in PRESETS:
                 raise ValueError(f"preset: unknown preset {self.preset!r} (known: {', '.join(sorted(PRESETS))})")
+        try:
+            self.check_overrides(self.overrides)
+        except ValueError as e:
+            raise ValueError(f"overrides.{e}") from None
+
+    def check_overrides(self, overrides: dict[str, Any]) -> None:
+        """Each key names a key of the model's config class (what the loaders will set);
+        ValueError("<key>: ...") otherwise."""
+        if self.preset is not None:
+            from transformers import MiniMaxConfig
+
+            known, what = set(MiniMaxConfig().to_dict()), "a MiniMaxConfig key"
+        else:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(self.path)
+            known, what = set(config.to_dict()) | set(vars(config)), f"a key of {type(config).__name__}"
+        for key in overrides:
+            if key not in known:
+                raise ValueError(f"{key}: not {what}")
 
     def with_overrides(self, extra: dict[str, Any]) -> "ModelConfig":
         """This config with `extra` config keys applied on top of `overrides` (a stage's own)."""
@@ -47,3 +67,30 @@ class ModelConfig:
         from dataclasses import replace
 
         return replace(self, path=path, preset=None)
+
+
+# What a Hugging Face model directory must hold to load: config.json and weights. Pickled
+# checkpoints (pytorch_model.bin) are not loaded (DESIGN principle 8).
+_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+
+
+def _model_dir_ok(path: str) -> None:
+    import json
+
+    d = Path(path)
+    try:
+        if not d.is_dir():
+            raise ValueError(f"path: directory not found: {path}")
+        config = d / "config.json"
+        if not config.is_file():
+            raise ValueError(f"path: {path} has no config.json (not a Hugging Face model directory)")
+        try:
+            meta = json.loads(config.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"path: {config} is not a JSON file ({type(e).__name__})") from None
+        if not isinstance(meta, dict) or "model_type" not in meta:
+            raise ValueError(f"path: {config} has no model_type (not a transformers config)")
+        if not any((d / w).is_file() for w in _WEIGHTS):
+            raise ValueError(f"path: {path} has no {' or '.join(_WEIGHTS)} (weights)")
+    except OSError as e:  # a name too long for the file system, no permission, ...
+        raise ValueError(f"path: {e.strerror}: {path}") from None

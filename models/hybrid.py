@@ -469,6 +469,40 @@ class HybridForCausalLM(PreTrainedModel):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs) -> "HybridForCausalLM":
+        """transformers' loading, then `fill_zero_embeddings` (checkpoints that other code wrote)."""
+        model = super().from_pretrained(*args, **kwargs)
+        model.fill_zero_embeddings()
+        return model
+
+    @torch.no_grad()
+    def fill_zero_embeddings(self) -> int:
+        """Give input-embedding rows that are exactly zero small random values, N(0,
+        initializer_range) from a fixed seed (the same on every rank and every load); returns
+        how many rows changed.
+
+        An all-zero row is what `nn.Embedding(padding_idx=...)` leaves at the pad id (transformers'
+        MiniMaxForCausalLM, and any checkpoint saved from it without training that row). The zero
+        vector is a fixed point of every lightning layer here: RMSNorm(0) = 0, silu(W 0) = 0 so
+        q = k = v = 0 and the attention output is 0, the output norm and the MoE map 0 to 0.
+        RMSNorm's derivative at 0 is w / sqrt(eps) (~316 for the layer norms, ~1000 for the
+        lightning output norm), so a sampled pad token *inside* a completion (a real,
+        attended token) multiplies its gradient by ~1e8 per lightning layer and the backward
+        overflows fp32 (grad norm inf/nan at the first rl step). Padding *after* a completion
+        is masked and receives no gradient, so it was never the problem. A trained row is
+        never exactly zero, so only never-trained rows change; the preset models start
+        without padding_idx and are unaffected.
+        """
+        weight = self.get_input_embeddings().weight
+        zero = (weight == 0).all(dim=-1).nonzero().flatten()
+        if zero.numel():
+            g = torch.Generator().manual_seed(0)
+            std = float(self.config.initializer_range)
+            fill = torch.randn(zero.numel(), weight.shape[-1], generator=g) * std
+            weight[zero] = fill.to(device=weight.device, dtype=weight.dtype)
+        return int(zero.numel())
+
     def get_correct_experts_implementation(self, requested_experts: Optional[str]) -> str:
         # SparseMoE has a single (per-expert loop) implementation; a config that transformers
         # prepared may request another one, which we accept and ignore

@@ -67,16 +67,26 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         run_recipe(cfg, resume=args.resume, overwrite=args.overwrite, console=console)
     except ConfigError as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False)
+        print_error(console, "error", e)
         return 2
     except Exception as e:  # noqa: BLE001 - data problems found while reading files
         from posttrain.data import DataError
 
         if isinstance(e, DataError):
-            console.print(f"[red]data error:[/red] {e}", highlight=False)
+            print_error(console, "data error", e)
             return 2
         raise
     return 0
+
+
+def print_error(console: Console, label: str, error: Exception) -> None:
+    """`label: message` on exactly one line, whatever the terminal width (tests and logs read
+    it): never wrapped by the console, newlines inside the message folded, no markup parsed
+    from the message (a path or key may contain brackets)."""
+    from rich.text import Text
+
+    message = " ".join(part.strip() for part in str(error).splitlines() if part.strip())
+    console.print(Text.assemble((f"{label}:", "red"), " ", message), soft_wrap=True, highlight=False)
 
 
 if __name__ == "__main__":

@@ -51,14 +51,16 @@ class ClusterConfig:
 
     def __post_init__(self) -> None:
         checks = [
-            (self.address is None or bool(_ADDRESS.match(self.address)), "address",
-             f"expected null, 'auto', host:port or ray://host:port, got {self.address!r}"),
+            (self.address is None or self.address == "auto" or (
+                bool(_ADDRESS.match(self.address)) and 1 <= int(self.address.rpartition(":")[2]) <= 65535), "address",
+             f"expected null, 'auto', host:port or ray://host:port (port 1-65535), got {self.address!r}"),
             (self.num_cpus is None or self.num_cpus >= 1, "num_cpus", f"must be null or >= 1, got {self.num_cpus}"),
             (self.learners >= 1, "learners", f"must be >= 1, got {self.learners}"),
             (self.rollout_workers >= 1, "rollout_workers", f"must be >= 1, got {self.rollout_workers}"),
-            (self.cpus_per_learner >= 0, "cpus_per_learner", f"must be >= 0, got {self.cpus_per_learner}"),
-            (self.cpus_per_rollout_worker >= 0, "cpus_per_rollout_worker",
-             f"must be >= 0, got {self.cpus_per_rollout_worker}"),
+            (0 <= self.cpus_per_learner < float("inf"), "cpus_per_learner",
+             f"must be a finite number >= 0, got {self.cpus_per_learner}"),
+            (0 <= self.cpus_per_rollout_worker < float("inf"), "cpus_per_rollout_worker",
+             f"must be a finite number >= 0, got {self.cpus_per_rollout_worker}"),
             (self.torch_threads >= 1, "torch_threads", f"must be >= 1, got {self.torch_threads}"),
             (self.num_gpus is None or self.num_gpus >= 0, "num_gpus", f"must be null or >= 0, got {self.num_gpus}"),
             (self.num_gpus is None or self.address is None, "num_gpus",
@@ -74,6 +76,10 @@ class ClusterConfig:
 
 
 def start_ray(cluster: ClusterConfig) -> None:
+    """Join `cluster.address`, or start a new local instance (docs/cluster.md, trust boundary):
+    address "local", so never another instance found on the machine (RAY_ADDRESS, the newest
+    `ray start` cluster); no dashboard; Ray's token authentication left as Ray sets it for a
+    new cluster (on in the pinned Ray 2.60 unless RAY_AUTH_MODE=disabled)."""
     import ray
 
     if ray.is_initialized():
@@ -105,16 +111,6 @@ def _node_address() -> tuple[str, int]:
     import ray
 
     return ray.util.get_node_ip_address(), _free_port()
-
-
-def placement_info(device: Any) -> dict[str, Any]:
-    """What Ray assigned the calling actor and the device it bound (tests, logs)."""
-    import ray
-
-    ctx = ray.get_runtime_context()
-    return {"gpu_ids": sorted(str(g) for g in ray.get_gpu_ids()), "device": str(device),
-            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "node_id": ctx.get_node_id(),
-            "local_rank": os.environ.get("LOCAL_RANK")}
 
 
 # GPU shares within one bundle (one GPU): colocated, a learner rank, its rollout worker and a
@@ -343,6 +339,8 @@ class RolloutHost:
 
     def placement(self) -> dict[str, Any]:
         """Where this worker runs: Ray's GPU ids, visible devices, the engine model's device."""
+        from posttrain.learner import placement_info
+
         return placement_info(next(self.worker.engine.model.parameters()).device)
 
 

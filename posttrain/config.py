@@ -63,6 +63,11 @@ class RecipeConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def __post_init__(self) -> None:
+        if not self.name or self.name in (".", "..") or any(c in self.name for c in "/\\\0"):
+            raise ValueError(f"name: must be a plain name (it names the default run_dir runs/<name>), got {self.name!r}")
+        if self.seed < 0:
+            raise ValueError(f"seed: must be >= 0, got {self.seed}")
+        _run_dir_ok(self.resolved_run_dir)
         if not self.stages:
             raise ValueError("stages: at least one stage is required")
         names: list[str] = []
@@ -74,7 +79,17 @@ class RecipeConfig:
                                  f"(earlier: {names or 'none'})")
             names.append(st.name)
             try:
+                self.model.check_overrides(st.model_overrides)
+            except ValueError as e:
+                raise ValueError(f"stages[{i}].model_overrides.{e}") from None
+            try:
                 st.check_cluster(self.cluster)
+            except ValueError as e:
+                raise ValueError(f"stages[{i}].{e}") from None
+        # last: the slowest check (every row of every local file), once the rest is known good
+        for i, st in enumerate(self.stages):
+            try:
+                st.check_files()
             except ValueError as e:
                 raise ValueError(f"stages[{i}].{e}") from None
 
@@ -83,11 +98,32 @@ class RecipeConfig:
         return Path(self.run_dir) if self.run_dir else Path("runs") / self.name
 
 
+def _run_dir_ok(run_dir: Path) -> None:
+    """run_dir is a directory or can become one: not a file, not under a file, a name the file
+    system takes. (Whether an existing directory may be used depends on --resume/--overwrite:
+    posttrain.pipeline.prepare_run_dir.)"""
+    try:
+        if run_dir.exists() and not run_dir.is_dir():
+            raise ValueError(f"run_dir: {run_dir} is a file, not a directory")
+        for parent in run_dir.absolute().parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise ValueError(f"run_dir: {run_dir} is inside {parent}, which is a file")
+                break
+    except OSError as e:  # e.g. a name longer than the file system allows
+        raise ValueError(f"run_dir: {e.strerror}: {run_dir}") from None
+
+
 def recipe_path(name_or_path: str) -> Path:
     """A recipe file path, or the name of a recipe shipped in posttrain.recipes."""
     p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") or p.exists():
-        if not p.is_file():
+    try:
+        is_path = p.suffix in (".yaml", ".yml") or p.exists()
+        is_file = p.is_file()
+    except OSError as e:  # e.g. a name longer than the file system allows
+        raise ConfigError(f"recipe {name_or_path}: {e.strerror}") from None
+    if is_path:
+        if not is_file:
             raise ConfigError(f"recipe file not found: {p}")
         return p
     shipped = Path(__file__).resolve().parent.parent / "recipes"
@@ -110,10 +146,26 @@ def load_recipe(name_or_path: str, overrides: list[str] = ()) -> RecipeConfig:
 
     path = recipe_path(name_or_path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a recipe is a mapping at the top level")
     raw = apply_overrides(raw, list(overrides))
     return parse_dataclass(RecipeConfig, raw, "")
+
+
+def _yaml_problem(e: Exception) -> str:
+    """One line from a YAML error (its str() spans several lines with a source excerpt)."""
+    import yaml
+
+    if isinstance(e, yaml.MarkedYAMLError) and e.problem_mark is not None:
+        where = f"line {e.problem_mark.line + 1} column {e.problem_mark.column + 1}"
+        return f"{e.problem} ({where})" + (f", {e.context}" if e.context else "")
+    return " ".join(str(e).split())

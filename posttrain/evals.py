@@ -77,9 +77,26 @@ def held_out_eval(ctx: Any, learners: Any, records: Sequence[Any], task: Optiona
 
 
 def answer_check(task: Optional[str]) -> Callable[[str, str], bool]:
+    """The task's own check; a task judged by running the answer (check None, e.g. coding) is
+    correct where its reward scores 1.0 (a reward error is a miss); no task: string equality."""
     from posttrain.data import TASKS
 
-    return TASKS[task].check if task else (lambda text, ref: text.strip() == str(ref).strip())
+    if not task:
+        return lambda text, ref: text.strip() == str(ref).strip()
+    t = TASKS[task]
+    if t.check is not None:
+        return t.check
+    from posttrain.rollout import resolve_reward
+
+    reward = resolve_reward(t.reward or "")
+
+    def check(text: str, ref: str) -> bool:
+        try:
+            return reward(text, ref) == 1.0
+        except Exception:  # noqa: BLE001 - a program that crashed or was killed is wrong
+            return False
+
+    return check
 
 
 def needle_eval(ctx: Any, learners: Any, records: Sequence[Any], task: Optional[str], cfg: EvalConfig, *,

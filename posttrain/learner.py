@@ -168,6 +168,16 @@ def bind_device() -> torch.device:
     return torch.device("cuda", 0)
 
 
+def placement_info(device: Any) -> dict[str, Any]:
+    """What Ray assigned the calling actor and the device it bound (tests, logs)."""
+    import ray
+
+    ctx = ray.get_runtime_context()
+    return {"gpu_ids": sorted(str(g) for g in ray.get_gpu_ids()), "device": str(device),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "node_id": ctx.get_node_id(),
+            "local_rank": os.environ.get("LOCAL_RANK")}
+
+
 class Learner:
     """One rank: model + DeepSpeed engine. Build with `Learner(...)`, then `configure(...)`
     once per stage (a new optimizer and schedule), then `train_step(...)` repeatedly."""
@@ -286,9 +296,7 @@ class Learner:
         return self.engine.module if self.engine is not None else self.model
 
     def placement(self) -> dict[str, Any]:
-        """Where this rank runs (tests and logs): see posttrain.cluster.placement_info."""
-        from posttrain.cluster import placement_info
-
+        """Where this rank runs (tests and logs): see placement_info."""
         return placement_info(self.device)
 
     # ------------------------------------------------------------ weights

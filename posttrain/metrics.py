@@ -22,11 +22,21 @@ class MetricsLogger:
         self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
 
     def truncate(self, stage: str, from_step: int) -> None:
+        """Drop `stage`'s rows at or after `from_step`, and a last row cut short by a crash
+        mid-append; rewritten atomically (a crash here keeps the old file)."""
+        from posttrain.data.io import write_text_atomic
+
         if not self.path.exists():
             return
-        keep = [ln for ln in self.path.read_text().splitlines()
-                if ln.strip() and not (json.loads(ln)["stage"] == stage and json.loads(ln)["step"] >= from_step)]
-        self.path.write_text("".join(ln + "\n" for ln in keep))
+        keep = []
+        for ln in self.path.read_text().splitlines():
+            try:
+                row = json.loads(ln)
+            except ValueError:
+                continue
+            if not (row["stage"] == stage and row["step"] >= from_step):
+                keep.append(ln)
+        write_text_atomic(self.path, "".join(ln + "\n" for ln in keep))
 
     def log(self, stage: str, split: str, step: int, values: dict[str, Any]) -> None:
         row = {"stage": stage, "split": split, "step": step}

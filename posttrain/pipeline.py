@@ -26,19 +26,50 @@ from rich.table import Table
 from posttrain.checkpoint import atomic_dir, write_json_atomic
 from posttrain.config import ConfigError, RecipeConfig
 from posttrain.data import TokenizerConfig, token_ids
+from posttrain.faults import kill_point
 from posttrain.metrics import MetricsLogger
 from posttrain.stages import STAGES, StageContext
 
 
+MARKER = ".posttrain-run"  # written first into every run dir: what makes a directory ours
+
+
+def is_run_dir(path: Path) -> bool:
+    """A directory posttrain created: it holds MARKER (or, written before the marker existed,
+    a resolved recipe.yaml with the recipe's top-level keys)."""
+    if (path / MARKER).is_file():
+        return True
+    recipe = path / "recipe.yaml"
+    if not recipe.is_file():
+        return False
+    try:
+        raw = yaml.safe_load(recipe.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(raw, dict) and {"name", "model", "stages", "seed"} <= set(raw)
+
+
 def prepare_run_dir(cfg: RecipeConfig, *, resume: bool, overwrite: bool) -> Path:
+    """The run dir, checked against the caller's intent before anything is written: --resume
+    needs an existing run; a run is continued or deleted only when asked; a directory that
+    posttrain did not create is never written to nor deleted (ConfigError, untouched)."""
     run_dir = cfg.resolved_run_dir
-    started = (run_dir / "recipe.yaml").exists()
-    if started and not (resume or overwrite):
+    exists = run_dir.is_dir()
+    ours = exists and is_run_dir(run_dir)
+    foreign = exists and not ours and any(run_dir.iterdir())  # an empty directory is free to use
+    if foreign:
+        raise ConfigError(f"run_dir {run_dir} exists and is not a posttrain run directory (no {MARKER}): "
+                          f"left untouched; set run_dir=<a new or empty dir>")
+    if resume and not ours:
+        raise ConfigError(f"run_dir {run_dir} holds no run to resume: drop --resume to start a new run "
+                          f"there, or set run_dir=<the run's dir>")
+    if ours and not (resume or overwrite):
         raise ConfigError(f"run_dir {run_dir} already holds a run: pass --resume to continue it, "
                           f"--overwrite to start over, or set run_dir=<another dir>")
-    if started and overwrite and not resume:
+    if ours and overwrite and not resume:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / MARKER).touch()
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(_yaml_safe(dataclasses.asdict(cfg)), sort_keys=False))
     return run_dir
 
@@ -89,6 +120,7 @@ def run_recipe(cfg: RecipeConfig, *, resume: bool = False, overwrite: bool = Fal
                 finally:
                     learners.shutdown()
             manifests[stage.name] = manifest
+            kill_point("stage_done", stage.name)
             results.append({"name": stage.name, "kind": stage.kind, "eval": manifest.get("eval", {}),
                             "throughput": manifest.get("throughput", {}), "checkpoint": manifest["checkpoint"]})
             previous = stage.name

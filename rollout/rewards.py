@@ -1,7 +1,8 @@
 """Reward functions and a runner that scores a batch with per-call timeouts.
 
 A reward is any callable `(completion_text, reference, **meta) -> float`. Built-ins live in the
-`REWARDS` mapping; anything else is named as "package.module:function" and imported.
+`REWARDS` mapping (`code` runs a completion's program against hidden tests in the sandbox of
+posttrain.rollout.sandbox); anything else is named as "package.module:function" and imported.
 
 RewardRunner isolation (the `executor` knob):
 - "thread": each call runs in its own daemon thread, at most `num_workers` at once. A call that
@@ -105,7 +106,27 @@ def think_format(completion_text: str, reference: str = "", **meta: Any) -> floa
     return float(bool(_THINK_FORMAT.match(completion_text)))
 
 
+def code(completion_text: str, reference: str, **meta: Any) -> float:
+    """Execution reward: the fraction of the hidden tests (`reference`: Python statements, one
+    per line, usually asserts) that the completion's program (its first fenced code block,
+    else the whole text) passes, run in the sandbox (posttrain.rollout.sandbox: CPU, memory,
+    file-size and process limits, no network, a throwaway directory, a wall-clock limit).
+    Text that is not Python scores 0. A program that does not run to the end of its tests
+    (raises at load, is killed by a limit, times out) raises SandboxError: the RewardRunner
+    scores it `fallback` and counts it in reward/errors."""
+    from posttrain.rollout.sandbox import SandboxError, extract_program, run_tests
+
+    tests = [line for line in reference.splitlines() if line.strip()]
+    result = run_tests(extract_program(completion_text), tests)
+    if result.outcome == "ok":
+        return result.passed / max(1, result.total)
+    if result.outcome == "syntax_error":
+        return 0.0
+    raise SandboxError(f"{result.outcome}: {result.detail}")
+
+
 REWARDS: dict[str, RewardFn] = {
+    "code": code,
     "exact_match": exact_match,
     "digit_match": digit_match,
     "numeric": numeric,
@@ -122,7 +143,7 @@ def resolve_callable(spec: str) -> Callable[..., Any]:
         raise ValueError(f"expected 'module:function', got {spec!r}")
     try:
         module = importlib.import_module(module_name)
-    except Exception as exc:  # noqa: BLE001 - any import failure of user code is a config error
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - any import failure of user code is a config error
         raise ValueError(f"cannot import module {module_name!r}: {type(exc).__name__}: {exc}") from None
     fn = getattr(module, attr, None)
     if not callable(fn):

@@ -34,8 +34,8 @@ class RolloutConfig:
             raise ValueError(f"max_slots: must be >= 1, got {self.max_slots}")
         if self.max_len is not None and not self.max_len >= 1:
             raise ValueError(f"max_len: must be null or >= 1, got {self.max_len}")
-        if not self.weight_bucket_mb > 0:
-            raise ValueError(f"weight_bucket_mb: must be > 0, got {self.weight_bucket_mb}")
+        if not 0 < self.weight_bucket_mb < float("inf"):
+            raise ValueError(f"weight_bucket_mb: must be a finite number > 0, got {self.weight_bucket_mb}")
 
 
 def default_engine(model: nn.Module) -> str:

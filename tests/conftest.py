@@ -14,6 +14,7 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
+        # "local": a new instance even when the machine runs others (RAY_ADDRESS, `ray start`)
         ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     yield ray
     ray.shutdown()

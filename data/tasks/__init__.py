@@ -9,20 +9,22 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
-from posttrain.data.tasks import arithmetic, needle
+from posttrain.data.tasks import arithmetic, coding, needle
 
 
 @dataclass(frozen=True)
 class Task:
     name: str
     write: Callable[..., dict[str, Path]]  # write(out_dir, *, seed, ...) -> {file name: path}
-    check: Callable[[str, str], bool]  # check(completion_text, answer) -> correct?
+    check: Optional[Callable[[str, str], bool]]  # check(completion_text, answer) -> correct? (None: see reward)
+    reward: Optional[str] = None  # when check is None: the rollout reward (REWARDS name) whose 1.0 is correct
 
 
 TASKS: dict[str, Task] = {
-    m.NAME: Task(m.NAME, m.write, m.check) for m in (arithmetic, needle)
+    **{m.NAME: Task(m.NAME, m.write, m.check) for m in (arithmetic, needle)},
+    coding.NAME: Task(coding.NAME, coding.write, None, coding.REWARD),
 }
 
 

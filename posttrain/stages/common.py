@@ -25,6 +25,7 @@ from posttrain.checkpoint import CheckpointConfig, atomic_dir, clean_temp, write
 from posttrain.cluster import ClusterConfig, Placement
 from posttrain.data import DataConfig
 from posttrain.evals import EvalConfig
+from posttrain.faults import kill_point
 from posttrain.learner import Learners, LearnerConfig, OptimConfig, ScheduleConfig
 from posttrain.metrics import MetricsLogger, plot_stage
 from posttrain.models import ModelConfig
@@ -66,6 +67,15 @@ class StageConfig:
     def check_cluster(self, cluster: ClusterConfig) -> None:
         """Checks that need the cluster (a kind with a batch overrides this)."""
 
+    def check_files(self) -> None:
+        """Read every row of the stage's local data files (streamed) once the stage's own checks
+        passed; ValueError("data.<field>: <file>:<row>: <problem>"). A kind that reads more
+        files extends this."""
+        try:
+            self.data.check_rows()
+        except ValueError as e:
+            raise ValueError(f"data.{e}") from None
+
 
 @dataclass(frozen=True)
 class BatchConfig:
@@ -80,7 +90,9 @@ class BatchConfig:
     micro_size: int = 8  # per forward/backward on one learner
 
     def __post_init__(self) -> None:
-        if not (self.micro_size >= 1 and self.global_size >= 1 and self.global_size % self.micro_size == 0):
+        if not self.micro_size >= 1:
+            raise ValueError(f"micro_size: must be >= 1, got {self.micro_size}")
+        if not (self.global_size >= 1 and self.global_size % self.micro_size == 0):
             raise ValueError(f"global_size: {self.global_size} must be a positive multiple of micro_size "
                              f"{self.micro_size}")
 
@@ -185,12 +197,33 @@ def micro_batches(items: Sequence[T], world_size: int, micro_size: int, build: C
     return [[build(mb) for mb in rank] for rank in shard(items, world_size, micro_size)]
 
 
+# Written last into a resumable state: every other file with its size. A state dir is complete
+# when this file lists it whole (a temp dir, a lost or truncated file: not complete).
+FILES = "files.json"
+
+
+def _list_files(state: Path) -> dict[str, int]:
+    return {str(f.relative_to(state)): f.stat().st_size for f in sorted(state.rglob("*"))
+            if f.is_file() and f.name != FILES}
+
+
+def is_complete_state(state: Path) -> bool:
+    """Every file that FILES lists is there with its size (and progress.json among them)."""
+    try:
+        listed = json.loads((state / FILES).read_text())
+        return "progress.json" in listed and all(
+            (state / name).is_file() and (state / name).stat().st_size == size for name, size in listed.items())
+    except (OSError, ValueError):
+        return False
+
+
 def latest_state(ctx: StageContext) -> Optional[Path]:
-    """The newest complete resumable state of this stage (temp dirs are ignored)."""
+    """The newest complete resumable state of this stage: temp dirs are deleted, and a step dir
+    that is not complete (is_complete_state) is never chosen."""
     clean_temp(ctx.state_root)
     if not ctx.state_root.is_dir():
         return None
-    done = sorted(p for p in ctx.state_root.glob("step-*") if (p / "progress.json").exists())
+    done = sorted(p for p in ctx.state_root.glob("step-*") if is_complete_state(p))
     return done[-1] if done else None
 
 
@@ -212,6 +245,7 @@ def end_of_step(ctx: StageContext, cfg: StageConfig, learners: Learners, done: i
     """After optimizer step `done` (1-based) of a stage: log its metrics, then the periodic
     eval and resumable state (the final ones are written by the stage's end). `time/step` is the
     step's wall time, evals and checkpoints excluded (the stage's throughput is computed from it)."""
+    kill_point("step", cfg.name, done)
     metrics = {**metrics, "time/step": time.perf_counter() - ctx.step_clock}
     if done % cfg.log_every == 0 or done == cfg.steps:
         ctx.logger.log(cfg.name, "train", done, metrics)
@@ -242,6 +276,8 @@ def save_state(ctx: StageContext, learners: Learners, step: int, cfg: Checkpoint
     target = ctx.state_root / f"step-{step:06d}"
     with atomic_dir(target) as tmp:
         learners.save_state(str(tmp), {"step": step, **(extra or {})})
+        write_json_atomic(tmp / FILES, _list_files(tmp))
+        kill_point("checkpoint", ctx.stage_dir.name.split("-", 1)[1], step)
     for old in sorted(ctx.state_root.glob("step-*"))[: -max(1, cfg.keep_last)]:
         shutil.rmtree(old, ignore_errors=True)
     return target

@@ -77,6 +77,16 @@ class DPOStageConfig(StageConfig):
     def check_cluster(self, cluster: ClusterConfig) -> None:
         self.batch.check_learners(cluster.learners)
 
+    def check_files(self) -> None:
+        super().check_files()
+        if self.task_eval is not None:
+            from posttrain.data import DataError, scan_file
+
+            try:
+                scan_file(self.task_eval, "rl", on_bad_row=self.data.on_bad_row)
+            except DataError as e:
+                raise ValueError(f"task_eval: {e}") from None
+
 
 def run_dpo(ctx: StageContext, cfg: DPOStageConfig, learners: Learners) -> dict[str, Any]:
     world = learners.world_size

@@ -123,7 +123,7 @@ def test_bad_row_error_names_file_row_and_problem(tmp_path, line, fmt, problem):
     path.write_text(f"{good}\n\n{good}\n{line}\n{good}\n")
     with pytest.raises(DataError) as e:
         load_records(path, fmt)
-    assert str(e.value).startswith(f"{path} row 4: ")
+    assert str(e.value).startswith(f"{path}:4: ")
     assert problem in str(e.value)
     res = load_records(path, fmt, on_bad_row="skip")
     assert (len(res.records), res.n_skipped) == (3, 1)
@@ -134,14 +134,14 @@ def test_bad_row_numbers_in_json_and_parquet(tmp_path):
     rows = [{"prompt": "a", "completion": "b"}] * 16 + [{"prompt": "a", "completion": ""}] + [{"prompt": "c", "completion": "d"}]
     for kind in ("json", "parquet"):
         path = write_rows(tmp_path / f"train.{kind}", rows, kind)
-        with pytest.raises(DataError, match=rf"train\.{kind} row 17: \"completion\": empty string"):
+        with pytest.raises(DataError, match=rf"train\.{kind}:17: \"completion\": empty string"):
             load_records(path, "prompt_completion")
 
 
 def test_parquet_missing_column_value_is_null(tmp_path):
     path = write_rows(tmp_path / "t.parquet", [{"prompt": "a", "answer": "1"}, {"prompt": "b", "answer": None}], "parquet")
     res = load_records(path, "rl", on_bad_row="skip")
-    assert res.n_skipped == 1 and 'row 2: key "answer" is null' in res.errors[0]
+    assert res.n_skipped == 1 and ':2: key "answer" is null' in res.errors[0]
 
 
 def test_file_level_errors(tmp_path):

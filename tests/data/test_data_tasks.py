@@ -13,10 +13,11 @@ def read_bytes(files):
 
 
 def test_registry():
-    assert set(TASKS) == {"arithmetic", "needle"}
+    assert set(TASKS) == {"arithmetic", "coding", "needle"}
     for name, task in TASKS.items():
-        assert task.name == name and callable(task.write) and callable(task.check)
-    with pytest.raises(KeyError, match="available: arithmetic, needle"):
+        # an answer is checked by a function, or (coding: by running it) by a reward
+        assert task.name == name and callable(task.write) and (callable(task.check) or task.reward)
+    with pytest.raises(KeyError, match="available: arithmetic, coding, needle"):
         write_task("sorting", "/tmp/unused")
 
 

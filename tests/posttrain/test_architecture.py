@@ -199,6 +199,31 @@ def test_value_checks_live_with_the_field():
         "stages[0].batch.global_size: 48 must be a multiple of batch.micro_size x cluster.learners")
 
 
+def _numeric(tp: Any) -> Any:
+    """int or float for a field of that type (also Optional), else None."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) is Union and len(args) == 1:
+        tp = args[0]
+    return tp if tp in (int, float) else None
+
+
+NUMERIC = [(raw, key, _numeric(tp)) for raw, key, tp in CASES if _numeric(tp) is not None]
+SIGNED = {"fallback"}  # the knobs whose domain includes negative numbers (a reward may be < 0)
+
+
+@pytest.mark.parametrize("raw,key,kind", NUMERIC, ids=[k for _, k, _ in NUMERIC])
+def test_every_numeric_key_has_a_domain(raw, key, kind):
+    """No numeric knob takes NaN or infinity, and none but SIGNED takes -1 (every count, size,
+    rate and bound in the recipe is finite and >= 0): each is rejected with its key path."""
+    bad = [".nan", ".inf", "-.inf"] if kind is float else []
+    if key.rsplit(".", 1)[-1] not in SIGNED:
+        bad.append("-1.0" if kind is float else "-1")
+    for value in bad:
+        with pytest.raises(ConfigError) as e:
+            _load(raw, [f"{key}={value}"])
+        assert str(e.value).startswith(f"{key}: "), (value, str(e.value))
+
+
 # ------------------------------------------------------------------ the learner boundary
 def _sources(*folders: str) -> dict[Path, str]:
     return {p: p.read_text() for f in folders for p in sorted((ROOT / f).rglob("*.py"))}

@@ -118,7 +118,7 @@ def test_malformed_rows_name_file_and_row(tok, tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}) + "\n"
                     + json.dumps({"prompt": "a", "chosen": "b"}) + "\n")
-    with pytest.raises(DataError, match=r"bad\.jsonl row 2: key \"rejected\" missing"):
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: key \"rejected\" missing"):
         load_records(path, "preference")
     path.write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}) + "\n"
                     + json.dumps({"prompt": "a", "chosen": "b", "rejected": "c", "prompt_ids": [1],

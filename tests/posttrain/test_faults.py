@@ -1,0 +1,146 @@
+"""The driver killed at the worst moments: `--resume` ends with bitwise the weights of an
+uninterrupted run, never trains zero steps, never repeats one; a half-written checkpoint is
+never taken for the last complete one.
+
+Real processes: `posttrain run` in its own session, SIGKILLed by the fault hook
+(POSTTRAIN_KILL_AT, posttrain/faults.py) exactly at each point, with its local Ray instance.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from safetensors.torch import load_file
+
+from posttrain.stages.common import FILES, _list_files, latest_state
+
+RECIPE = """
+name: faults
+seed: 3
+model: {{preset: tiny-hybrid}}
+cluster: {{num_cpus: 2}}
+run_dir: {run_dir}
+stages:
+  - name: a
+    kind: sft
+    steps: 4
+    data: {{train: {train}, max_seq_len: 16}}
+    optim: {{lr: 3.0e-3}}
+    batch: {{global_size: 8, micro_size: 8}}
+    checkpoint: {{every: 1}}
+  - name: b
+    kind: sft
+    steps: 3
+    data: {{train: {train}, max_seq_len: 16}}
+    optim: {{lr: 1.0e-3}}
+    batch: {{global_size: 8, micro_size: 8}}
+    checkpoint: {{every: 1}}
+"""
+
+
+def _run(recipe: Path, *flags: str, kill_at: str | None = None) -> tuple[int, str]:
+    env = {k: v for k, v in os.environ.items() if k != "POSTTRAIN_KILL_AT"}
+    if kill_at:
+        env["POSTTRAIN_KILL_AT"] = kill_at
+    p = subprocess.Popen([sys.executable, "-m", "posttrain.cli", "run", str(recipe), *flags], env=env,
+                         start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = p.communicate(timeout=600)
+    finally:
+        try:  # whatever of its session is left (the hook kills the group; be sure)
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return p.returncode, out
+
+
+def _train_steps(run_dir: Path) -> dict[str, list[int]]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    out: dict[str, list[int]] = {}
+    for r in rows:
+        if r["split"] == "train":
+            out.setdefault(r["stage"], []).append(r["step"])
+    return out
+
+
+@pytest.mark.slow
+def test_driver_killed_at_each_point_resumes_to_identical_weights(tmp_path):
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "completion": str(a + b)}) + "\n"
+                             for a in range(8) for b in range(8)))
+
+    def recipe(run_dir: Path) -> Path:
+        p = tmp_path / f"{run_dir.name}.yaml"
+        p.write_text(textwrap.dedent(RECIPE.format(run_dir=run_dir, train=train)))
+        return p
+
+    straight = tmp_path / "straight"
+    rc, out = _run(recipe(straight))
+    assert rc == 0, out[-3000:]
+
+    broken = tmp_path / "broken"
+    r = recipe(broken)
+    state_a = broken / "stages" / "00-a" / "state"
+    # (kill point, what the next --resume must say, what must be on disk after the kill)
+    chain = [
+        ("step:a:2", "a: resuming from step 1"),  # mid-step: step 2 computed, not logged or saved
+        ("checkpoint:a:3", "a: resuming from step 2"),  # the step-3 state half written (temp dir)
+        ("step:a:4", "a: resuming from step 3"),  # exactly after the stage's last step, before its final
+        ("stage_done:a", "a: already complete, skipped"),  # exactly at the boundary to stage b
+    ]
+    rc, out = _run(r, kill_at=chain[0][0])
+    assert rc == -signal.SIGKILL, out[-3000:]
+    for i, (point, expect) in enumerate(chain):
+        if point.startswith("checkpoint"):
+            assert any(p.name.startswith(".step-000003.tmp-") for p in state_a.iterdir()), "no half-written state"
+            assert not (state_a / "step-000003").exists()
+        nxt = chain[i + 1][0] if i + 1 < len(chain) else None
+        rc, out = _run(r, "--resume", kill_at=nxt)
+        assert expect in out, (point, out[-3000:])
+        assert rc == (-signal.SIGKILL if nxt else 0), (point, rc, out[-3000:])
+    assert "b: resuming" not in out  # stage b started fresh from a's manifest
+
+    for stage in ("00-a", "01-b"):
+        a = load_file(str(straight / "stages" / stage / "final" / "model.safetensors"))
+        b = load_file(str(broken / "stages" / stage / "final" / "model.safetensors"))
+        assert a.keys() == b.keys()
+        worst = max((a[k] - b[k]).abs().max().item() for k in a)
+        assert worst == 0.0, f"{stage}: resumed weights differ by up to {worst}"
+    # every step of every stage trained and logged exactly once, in order
+    assert _train_steps(broken) == _train_steps(straight) == {"a": [1, 2, 3, 4], "b": [1, 2, 3]}
+
+
+def _state(root: Path, step: int, files: dict[str, bytes], listed: bool = True) -> Path:
+    d = root / f"step-{step:06d}"
+    d.mkdir(parents=True)
+    for name, data in files.items():
+        (d / name).parent.mkdir(parents=True, exist_ok=True)
+        (d / name).write_bytes(data)
+    if listed:
+        (d / FILES).write_text(json.dumps(_list_files(d)))
+    return d
+
+
+def test_half_written_state_is_never_the_latest(tmp_path):
+    root = tmp_path / "state"
+    whole = {"progress.json": b'{"step": 0}', "ds/model_states.pt": b"w" * 100, "ds/optim_states.pt": b"o" * 50}
+    good = _state(root, 2, whole)
+    missing = _state(root, 3, whole)
+    (missing / "ds" / "optim_states.pt").unlink()  # a file lost
+    short = _state(root, 4, whole)
+    (short / "ds" / "model_states.pt").write_bytes(b"w" * 10)  # a file cut short
+    _state(root, 5, whole, listed=False)  # never finished (no file list)
+    _state(root, 6, {k: v for k, v in whole.items() if k != "progress.json"})  # no progress
+    temp = root / ".step-000007.tmp-4242"
+    temp.mkdir()
+    (temp / "progress.json").write_text('{"step": 7}')
+
+    assert latest_state(SimpleNamespace(state_root=root)) == good
+    assert not temp.exists()  # temp dirs of an interrupted write are deleted
