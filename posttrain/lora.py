@@ -156,9 +156,10 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, adapter_dir: Optional[str] = N
     names = {id(m): n for n, m in model.named_modules()}
     config = cfg.peft_config(module_types(model), names[id(model.get_input_embeddings())],
                              names[id(model.get_output_embeddings())])
-    if adapter_dir is None:
-        return get_peft_model(model, config)
-    peft = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
+    with _experts_as_linear_layers(model):
+        if adapter_dir is None:
+            return get_peft_model(model, config)
+        peft = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
     saved = peft.peft_config["default"]
     if (saved.r, saved.lora_alpha, sorted(saved.target_modules)) != (config.r, config.lora_alpha,
                                                                       sorted(config.target_modules)):
@@ -166,6 +167,25 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, adapter_dir: Optional[str] = N
                          f"{saved.lora_alpha}, targets {sorted(saved.target_modules)}; this stage asks for "
                          f"{config.r}, {config.lora_alpha}, {sorted(config.target_modules)}")
     return peft
+
+
+@contextlib.contextmanager
+def _experts_as_linear_layers(model: nn.Module) -> Iterator[None]:
+    """peft (with transformers 5) rewrites the expert targets w1/w2/w3 of a model_type "minimax"
+    model into transformers' fused expert parameters. Our HybridForCausalLM keeps its experts as
+    linear layers (the checkpoint layout), so while peft injects into it the config's model_type
+    is hidden and the targets stay what they say. (transformers' own MiniMaxForCausalLM, loading
+    a saved adapter, gets peft's rewrite as intended.)"""
+    from posttrain.models import HybridForCausalLM
+
+    if not isinstance(model, HybridForCausalLM):
+        yield
+        return
+    model.config.model_type = "posttrain-hybrid"  # an instance attribute over the class's "minimax"
+    try:
+        yield
+    finally:
+        del model.config.model_type
 
 
 def parameter_counts(model: nn.Module) -> dict[str, float]:
