@@ -303,7 +303,10 @@ class Learner:
         """
         assert self.engine is not None
         # With LoRA the frozen base is the stage's init checkpoint: only adapters are saved.
-        self.engine.save_checkpoint(state_dir, tag="ds", client_state={"learner_step": self.step},
+        # The RNG state too: adapter dropout draws from it, and a resumed run must draw the same.
+        rng = {"cpu": torch.random.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        self.engine.save_checkpoint(state_dir, tag="ds", client_state={"learner_step": self.step, "rng": rng},
                                     save_latest=False, exclude_frozen_parameters=self.peft is not None)
         if self.dist.rank == 0:
             Path(state_dir, "progress.json").write_text(json.dumps(extra))
@@ -312,6 +315,10 @@ class Learner:
         assert self.engine is not None
         _, client = self.engine.load_checkpoint(state_dir, tag="ds", load_module_strict=self.peft is None)
         self.step = int(client["learner_step"])
+        if "rng" in client:  # states saved before the RNG was part of them load too
+            torch.random.set_rng_state(client["rng"]["cpu"])
+            if client["rng"]["cuda"]:
+                torch.cuda.set_rng_state_all(client["rng"]["cuda"])
         return json.loads(Path(state_dir, "progress.json").read_text())
 
 
