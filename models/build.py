@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from pathlib import Path
 from typing import Iterator, Optional
@@ -64,6 +65,28 @@ def load_model(path: str | Path, cfg: ModelConfig) -> nn.Module:
     model = cls.from_pretrained(path, config=config, dtype=_DTYPES[cfg.dtype])
     set_gradient_checkpointing(model, cfg.gradient_checkpointing)
     return model
+
+
+def meta_model(cfg: ModelConfig) -> nn.Module:
+    """The architecture `cfg` describes (its overrides applied) on the meta device: module names
+    and shapes without weights or memory (recipe checks that need the model's layer names)."""
+    key = json.dumps([cfg.preset, cfg.path, cfg.overrides], sort_keys=True, default=str)
+    return _meta_model(key)
+
+
+@functools.lru_cache(maxsize=8)
+def _meta_model(key: str) -> nn.Module:
+    preset, path, overrides = json.loads(key)
+    if preset is not None:
+        config = preset_config(preset, overrides)
+        kind = "minimax"
+    else:
+        config = AutoConfig.from_pretrained(path)
+        for k, v in overrides.items():
+            setattr(config, k, v)
+        kind = json.loads((Path(path) / "config.json").read_text()).get("model_type")
+    with torch.device("meta"):
+        return HybridForCausalLM(config) if kind == "minimax" else AutoModelForCausalLM.from_config(config)
 
 
 @contextlib.contextmanager

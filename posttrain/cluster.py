@@ -241,8 +241,9 @@ class LearnerGroup:
 
         return ray.get([getattr(a, method).remote(arg, **kwargs) for a, arg in zip(self.actors, per_rank)])
 
-    def configure(self, optim: Any, schedule: Any, learner: Any, total_steps: int) -> None:
-        self._all("configure", optim, schedule, learner, total_steps)
+    def configure(self, optim: Any, schedule: Any, learner: Any, total_steps: int, lora: Any = None,
+                  adapter: Optional[str] = None) -> None:
+        self._all("configure", optim, schedule, learner, total_steps, lora, adapter)
 
     def train_step(self, objective: Objective, per_rank: list[list[Any]], counts: StepCounts) -> dict[str, float]:
         import ray

@@ -14,10 +14,12 @@ copied):
       eval       posttrain.evals.EvalConfig; checkpoint  posttrain/checkpoint.py
       sampling, rollout, reward                          rollout/types.py, worker.py, rewards.py
       loss       a tagged union of the objective's loss kinds   posttrain/objectives/{rl,dpo}.py
+      lora       posttrain.lora.LoRAConfig (null: full fine-tuning)  posttrain/lora.py
 
 Everything is checked here, before Ray or any model starts: unknown keys (with a
 did-you-mean), types, required values, each field's domain (the classes' __post_init__),
-cross-field and cluster-dependent checks, that files and modules the recipe names exist.
+cross-field and cluster-dependent checks, that files and modules the recipe names exist, that
+a lora block's target modules exist in the model.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from posttrain.cluster import ClusterConfig
 from posttrain.data import DataConfig, MixSource, TokenizerConfig
 from posttrain.evals import EvalConfig
 from posttrain.learner import LearnerConfig, OptimConfig, ScheduleConfig
+from posttrain.lora import LoRAConfig, check_targets
 from posttrain.models import ModelConfig
 from posttrain.schema import ConfigError, apply_overrides, parse_dataclass
 from posttrain.stages import STAGES, AnyStageConfig
@@ -45,7 +48,7 @@ __all__ = [
     "ConfigError", "RecipeConfig", "load_recipe", "recipe_path", "STAGES",
     "ModelConfig", "TokenizerConfig", "ClusterConfig", "DataConfig", "MixSource", "OptimConfig", "ScheduleConfig",
     "LearnerConfig", "EvalConfig", "CheckpointConfig", "BatchConfig", "SFTStageConfig", "DPOStageConfig",
-    "PairsConfig", "RLStageConfig",
+    "PairsConfig", "RLStageConfig", "LoRAConfig",
 ]
 
 
@@ -84,6 +87,8 @@ class RecipeConfig:
                 raise ValueError(f"stages[{i}].model_overrides.{e}") from None
             try:
                 st.check_cluster(self.cluster)
+                if st.lora is not None:
+                    self._check_lora(st)
             except ValueError as e:
                 raise ValueError(f"stages[{i}].{e}") from None
         # last: the slowest check (every row of every local file), once the rest is known good
@@ -92,6 +97,24 @@ class RecipeConfig:
                 st.check_files()
             except ValueError as e:
                 raise ValueError(f"stages[{i}].{e}") from None
+
+    def _check_lora(self, stage: AnyStageConfig) -> None:
+        """A LoRA block's targets exist in the model (its layer names from a meta-device copy: no
+        weights); continue_adapter follows a LoRA stage with the same block."""
+        from posttrain.models import meta_model
+
+        assert stage.lora is not None
+        try:
+            check_targets(stage.lora, meta_model(self.model.with_overrides(stage.model_overrides)))
+        except ValueError as e:
+            raise ValueError(f"lora.{e}") from None
+        if stage.lora.continue_adapter:
+            i = next(j for j, s in enumerate(self.stages) if s is stage)
+            source = stage.init_from or (self.stages[i - 1].name if i else None)
+            prev = next((s for s in self.stages if s.name == source), None)
+            if prev is None or prev.lora is None or not stage.lora.same_adapter(prev.lora):
+                raise ValueError(f"lora.continue_adapter: the stage this one starts from ({source or 'none'}) must "
+                                 f"train an adapter with the same lora block (rank, alpha, targets, ...)")
 
     @property
     def resolved_run_dir(self) -> Path:

@@ -27,6 +27,7 @@ from typing import Any, Callable, Literal, Optional, Protocol
 import torch
 
 from posttrain.data.collate import to_device
+from posttrain.lora import LoRAConfig, apply_lora, merged_state
 from posttrain.models import ModelConfig, eval_mode
 from posttrain.objectives.common import Objective, StepCounts
 
@@ -93,7 +94,7 @@ class Learners(Protocol):
     world_size: int
 
     def configure(self, optim: OptimConfig, schedule: ScheduleConfig, learner: LearnerConfig,
-                  total_steps: int) -> None: ...
+                  total_steps: int, lora: Optional[LoRAConfig] = None, adapter: Optional[str] = None) -> None: ...
 
     def train_step(self, objective: Objective, per_rank: list[list[Any]], counts: StepCounts) -> dict[str, float]: ...
 
@@ -203,15 +204,25 @@ class Learner:
         self.engine = None
         self.step = 0
 
+    peft: Any = None  # the PeftModel handle while the stage trains LoRA adapters (configure(lora=...))
+
     # ------------------------------------------------------------------ setup
     def configure(self, optim: OptimConfig, schedule: ScheduleConfig, learner: LearnerConfig,
-                  total_steps: int) -> None:
+                  total_steps: int, lora: Optional[LoRAConfig] = None, adapter: Optional[str] = None) -> None:
+        """A new optimizer and schedule over the trainable parameters. `lora`: inject peft adapters
+        (continuing the saved `adapter` dir when given) and train only them; the module the
+        objectives see stays the model itself, with peft's layers inside."""
         import deepspeed
 
         from posttrain.models import set_gradient_checkpointing
 
         if self.engine is not None:  # a new stage: keep the weights, drop optimizer state
             self.model = self.engine.module
+        if self.peft is not None:  # a new stage after a LoRA one starts from the merged weights
+            self.model, self.peft = self.peft.merge_and_unload(), None
+        if lora is not None:
+            self.peft = apply_lora(self.model, lora, adapter)
+            self.model = self.peft.get_base_model()
         self.model.train()
         if learner.gradient_checkpointing is not None:  # per-stage memory knob (long context)
             set_gradient_checkpointing(self.model, learner.gradient_checkpointing)
@@ -301,13 +312,20 @@ class Learner:
 
     # ------------------------------------------------------------ weights
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Full weights on CPU (ZeRO 0-2 keep full parameters on every rank)."""
-        return {k: v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()}
+        """Full weights on CPU (ZeRO 0-2 keep full parameters on every rank), under a plain
+        checkpoint's names; LoRA adapters merged (posttrain.lora.merged_state)."""
+        return {k: t.get().to("cpu", copy=True) for k, t in merged_state(self.module).items()}
 
     def save_pretrained(self, out_dir: str) -> None:
-        """Rank 0 writes a Hugging Face checkpoint (safetensors) into `out_dir`."""
-        if self.dist.rank == 0:
+        """Rank 0 writes a Hugging Face checkpoint (safetensors) into `out_dir`; with LoRA the
+        merged weights there and the adapter (PEFT format) in `out_dir/adapter`."""
+        if self.dist.rank != 0:
+            return
+        if self.peft is None:
             self.module.save_pretrained(out_dir, safe_serialization=True)
+            return
+        self.module.save_pretrained(out_dir, state_dict=self.state_dict(), safe_serialization=True)
+        self.peft.save_pretrained(str(Path(out_dir, "adapter")), safe_serialization=True)
 
     # ------------------------------------------------------- training state
     def save_state(self, state_dir: str, extra: dict[str, Any]) -> None:
@@ -317,15 +335,23 @@ class Learner:
         returned). Files are our own torch checkpoints, never loaded from elsewhere.
         """
         assert self.engine is not None
-        self.engine.save_checkpoint(state_dir, tag="ds", client_state={"learner_step": self.step},
-                                    save_latest=False)
+        # With LoRA the frozen base is the stage's init checkpoint: only adapters are saved.
+        # The RNG state too: adapter dropout draws from it, and a resumed run must draw the same.
+        rng = {"cpu": torch.random.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        self.engine.save_checkpoint(state_dir, tag="ds", client_state={"learner_step": self.step, "rng": rng},
+                                    save_latest=False, exclude_frozen_parameters=self.peft is not None)
         if self.dist.rank == 0:
             Path(state_dir, "progress.json").write_text(json.dumps(extra))
 
     def load_state(self, state_dir: str) -> dict[str, Any]:
         assert self.engine is not None
-        _, client = self.engine.load_checkpoint(state_dir, tag="ds")
+        _, client = self.engine.load_checkpoint(state_dir, tag="ds", load_module_strict=self.peft is None)
         self.step = int(client["learner_step"])
+        if "rng" in client:  # states saved before the RNG was part of them load too
+            torch.random.set_rng_state(client["rng"]["cpu"])
+            if client["rng"]["cuda"]:
+                torch.cuda.set_rng_state_all(client["rng"]["cuda"])
         return json.loads(Path(state_dir, "progress.json").read_text())
 
 

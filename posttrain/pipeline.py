@@ -104,6 +104,10 @@ def run_recipe(cfg: RecipeConfig, *, resume: bool = False, overwrite: bool = Fal
             stage_dir = run_dir / "stages" / f"{i:02d}-{stage.name}"
             source = stage.init_from or previous
             init_path = manifests[source]["checkpoint"] if source else cfg.model.path
+            init_adapter = None
+            if stage.lora is not None and stage.lora.continue_adapter:  # the source's base + its adapter
+                assert source is not None  # RecipeConfig checked it
+                init_path, init_adapter = manifests[source]["lora"]["base"], manifests[source]["lora"]["adapter"]
             manifest_path = stage_dir / "manifest.json"
             if manifest_path.exists():
                 console.print(f"[green]{stage.name}: already complete, skipped[/green]")
@@ -111,7 +115,8 @@ def run_recipe(cfg: RecipeConfig, *, resume: bool = False, overwrite: bool = Fal
             else:
                 console.rule(f"stage {i}: {stage.name} ({stage.kind})")
                 ctx = StageContext(cfg.model, cfg.cluster, cfg.seed, run_dir, stage_dir, tokenizer, tok_dir,
-                                   init_path, logger, console, seed=cfg.seed + i, placement=placement)
+                                   init_path, logger, console, seed=cfg.seed + i, placement=placement,
+                                   init_adapter=init_adapter)
                 learners = LearnerGroup(cfg.cluster, cfg.model.with_overrides(stage.model_overrides), init_path,
                                         token_ids=token_ids(tokenizer), seed=cfg.seed, placement=placement)
                 console.print(placement_line(learners.placements()), highlight=False)
@@ -122,7 +127,8 @@ def run_recipe(cfg: RecipeConfig, *, resume: bool = False, overwrite: bool = Fal
             manifests[stage.name] = manifest
             kill_point("stage_done", stage.name)
             results.append({"name": stage.name, "kind": stage.kind, "eval": manifest.get("eval", {}),
-                            "throughput": manifest.get("throughput", {}), "checkpoint": manifest["checkpoint"]})
+                            "throughput": manifest.get("throughput", {}), "checkpoint": manifest["checkpoint"],
+                            "params": manifest.get("params"), "adapter": (manifest.get("lora") or {}).get("adapter")})
             previous = stage.name
     finally:
         logger.close()
@@ -146,15 +152,18 @@ HEADLINE = {"accuracy": "accuracy", "n": "n", "loss": "loss", "pref_accuracy": "
 
 
 def summary_table(summary: dict[str, Any]) -> Table:
-    """One row per stage: its headline held-out metrics (whichever it has), the rest in
-    summary.json. Fits an 80-column terminal."""
+    """One row per stage: its headline held-out metrics (whichever it has) and the share of
+    parameters it trained (LoRA: the adapters'), the rest in summary.json. Fits an 80-column
+    terminal."""
     keys = [k for k in HEADLINE if any(isinstance(st["eval"].get(k), (int, float)) for st in summary["stages"])]
     speed = [k for k in SPEED if any(k in st.get("throughput", {}) for st in summary["stages"])]
     table = Table(title=f"{summary['recipe']}: per-stage held-out eval (all metrics: summary.json)")
-    for col in ["stage", "kind", *(HEADLINE[k] for k in keys), *(SPEED[k] for k in speed)]:
+    for col in ["stage", "kind", "trained", *(HEADLINE[k] for k in keys), *(SPEED[k] for k in speed)]:
         table.add_column(col, no_wrap=True)
     for st in summary["stages"]:
-        table.add_row(st["name"], st["kind"], *[_fmt(st["eval"].get(k)) for k in keys],
+        share = (st.get("params") or {}).get("trainable_share")
+        table.add_row(st["name"], st["kind"], "-" if share is None else f"{share:.2%}",
+                      *[_fmt(st["eval"].get(k)) for k in keys],
                       *[_fmt(st.get("throughput", {}).get(k), 1) for k in speed])
     return table
 

@@ -16,6 +16,9 @@ Three implementations, chosen by `cluster.weight_sync` (`make_weight_sync`; auto
 - `CudaIpcWeightSync` (colocated on GPUs): worker i shares learner rank i's GPU; the rank
   flattens each bucket on the GPU and hands the worker a CUDA IPC handle to it, which the
   worker maps and copies from: no copy through host memory, no network.
+
+With LoRA every sync sends merged weights (base + scale * B A; posttrain.lora.merged_state),
+and the object store, after the first push, only the adapted tensors.
 """
 from __future__ import annotations
 
@@ -40,42 +43,55 @@ class WeightSync(Protocol):
 
 
 # ------------------------------------------------ run on learner rank 0 (module level for Ray)
-def bucket_plan(model: torch.nn.Module, bucket_bytes: int) -> list[list[str]]:
-    """Names of the state dict's tensors grouped into buckets of at most `bucket_bytes`
-    (a larger tensor gets a bucket of its own); state-dict order."""
+def bucket_plan(model: torch.nn.Module, bucket_bytes: int, changing_only: bool = False) -> list[list[str]]:
+    """Names of the model's weights (a plain checkpoint's names; LoRA adapters merged, see
+    posttrain.lora.merged_state) grouped into buckets of at most `bucket_bytes` (a larger tensor
+    gets a bucket of its own), in state-dict order. changing_only: only the tensors training can
+    change (with LoRA: the adapted weights and fully trained modules; else every tensor)."""
+    from posttrain.lora import merged_state
     from posttrain.rollout import weight_buckets
 
-    return [[name for name, _ in b] for b in weight_buckets(model.state_dict().items(), bucket_bytes)]
+    items = [(n, t.like) for n, t in merged_state(model).items() if t.changing or not changing_only]
+    return [[name for name, _ in b] for b in weight_buckets(items, bucket_bytes)]
 
 
 def weight_bucket(model: torch.nn.Module, names: list[str]) -> list[tuple[str, torch.Tensor]]:
-    """(name, CPU copy) of the listed state-dict tensors: one bucket of a sync."""
-    state = model.state_dict()
-    return [(n, state[n].detach().to("cpu", copy=True)) for n in names]
+    """(name, CPU copy) of the listed tensors (adapters merged): one bucket of a sync."""
+    from posttrain.lora import merged_tensors
+
+    return merged_tensors(model, names)
 
 
 class ObjectStoreWeightSync:
     """Bucketed weights through the Ray object store (see the module docstring).
 
     learners: a posttrain.cluster.LearnerGroup; rollouts: a posttrain.cluster.RolloutGroup.
-    The bucket plan is computed once (the set of tensors does not change during a stage)."""
+    The first push, and a push to listed workers (rebuilt from the init checkpoint), sends every
+    tensor; later pushes only those training can change (bucket_plan's changing_only: with LoRA
+    the merged adapted weights, a few percent of the model). Both plans are computed once: the
+    set of tensors does not change during a stage."""
 
     def __init__(self, learners: Any, rollouts: Any, *, bucket_mb: float, version: int = 0):
         self.learners, self.rollouts = learners, rollouts
         self.bucket_bytes = int(bucket_mb * 2**20)
         self.version = version
-        self._plan: Optional[list[list[str]]] = None
+        self._plans: dict[bool, list[list[str]]] = {}
+        self._pushed = False
 
     def push(self, version: int, workers: Optional[Sequence[int]] = None) -> dict[str, float]:
         if version < self.version:
             raise ValueError(f"weight sync: version {version} is older than the last pushed {self.version}")
         start = time.perf_counter()
-        if self._plan is None:
-            self._plan = self.learners.call_rank0(bucket_plan, self.bucket_bytes)
-        refs = [self.learners.call_rank0_async(weight_bucket, names) for names in self._plan]
+        changing_only = self._pushed and workers is None
+        if changing_only not in self._plans:
+            self._plans[changing_only] = self.learners.call_rank0(bucket_plan, self.bucket_bytes, changing_only)
+        plan = self._plans[changing_only]
+        refs = [self.learners.call_rank0_async(weight_bucket, names) for names in plan]
         self.rollouts.update_weights(refs, version, workers)
         self.version = version
-        return {"sync/seconds": time.perf_counter() - start, "sync/buckets": float(len(refs))}
+        self._pushed = self._pushed or workers is None
+        return {"sync/seconds": time.perf_counter() - start, "sync/buckets": float(len(refs)),
+                "sync/tensors": float(sum(len(b) for b in plan))}
 
 
 def make_weight_sync(cluster: Any, placement: Any, learners: Any, rollouts: Any, *, bucket_mb: float,
@@ -93,15 +109,22 @@ def make_weight_sync(cluster: Any, placement: Any, learners: Any, rollouts: Any,
 
 # ------------------------------------------------------------------- flattening buckets
 def flat_plan(model: torch.nn.Module, bucket_bytes: int) -> list[list[tuple[str, list[int], str]]]:
-    """Buckets of (name, shape, dtype) of the state dict, at most `bucket_bytes` each."""
-    return [[(n, list(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in b]
-            for b in weight_buckets_of(model, bucket_bytes)]
-
-
-def weight_buckets_of(model: torch.nn.Module, bucket_bytes: int) -> list[list[tuple[str, torch.Tensor]]]:
+    """Buckets of (name, shape, dtype) of the weights the engine holds (adapters merged), at most
+    `bucket_bytes` each."""
+    from posttrain.lora import merged_state
     from posttrain.rollout import weight_buckets
 
-    return list(weight_buckets(model.state_dict().items(), bucket_bytes))
+    items = [(n, t.like) for n, t in merged_state(model).items()]
+    return [[(n, list(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in b]
+            for b in weight_buckets(items, bucket_bytes)]
+
+
+def _on_device(model: torch.nn.Module, bucket: list[tuple[str, list[int], str]]) -> list[torch.Tensor]:
+    """The bucket's tensors where the learner holds them (adapters merged)."""
+    from posttrain.lora import merged_state
+
+    view = merged_state(model)
+    return [view[n].get() for n, _, _ in bucket]
 
 
 def flatten(tensors: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -162,10 +185,9 @@ def _broadcast(name: str, flat: dict[str, torch.Tensor]) -> None:
 
 def broadcast_send(model: torch.nn.Module, name: str, plan: list[list[tuple[str, list[int], str]]]) -> int:
     """On learner rank 0: broadcast every bucket of the plan; returns bytes sent."""
-    state = model.state_dict()
     sent = 0
     for bucket in plan:
-        flat = flatten([state[n] for n, _, _ in bucket])
+        flat = flatten(_on_device(model, bucket))
         _broadcast(name, flat)
         sent += sum(t.numel() * t.element_size() for t in flat.values())
     return sent
@@ -239,8 +261,7 @@ def ipc_handles(model: torch.nn.Module, bucket: list[tuple[str, list[int], str]]
     that a process on the same GPU can map without a copy."""
     from torch.multiprocessing.reductions import reduce_tensor
 
-    state = model.state_dict()
-    flat = flatten([state[n] for n, _, _ in bucket])
+    flat = flatten(_on_device(model, bucket))
     _KEEP.append(flat)
     return {d: reduce_tensor(t) for d, t in flat.items()}
 

@@ -1,7 +1,7 @@
 """What every stage shares: the common part of its config, and steps as functions.
 
 `StageConfig` declares the fields every stage kind has (name, data, steps, optim, schedule,
-eval, checkpoint, learner, init_from, log_every, model_overrides) once; each kind's config in
+eval, checkpoint, learner, lora, init_from, log_every, model_overrides) once; each kind's config in
 posttrain/stages/<kind>.py adds its own. Each stage loop reads top to bottom and calls the
 functions below for the parts every stage has: preparing data, ordering batches, sharding them
 over learner ranks into micro-batches, saving resumable state and finishing with a checkpoint
@@ -27,6 +27,7 @@ from posttrain.data import DataConfig
 from posttrain.evals import EvalConfig
 from posttrain.faults import kill_point
 from posttrain.learner import Learners, LearnerConfig, OptimConfig, ScheduleConfig
+from posttrain.lora import LoRAConfig, parameter_counts
 from posttrain.metrics import MetricsLogger, plot_stage
 from posttrain.models import ModelConfig
 
@@ -48,6 +49,7 @@ class StageConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
+    lora: Optional[LoRAConfig] = None  # train LoRA adapters (peft) instead of all weights; null: full fine-tuning
     init_from: Optional[str] = None  # an earlier stage's name; default: the previous stage
     log_every: int = 1  # optimizer steps between train-metric rows (the last step is always logged)
     # model config keys set when this stage's learners load their starting checkpoint, on top
@@ -120,6 +122,7 @@ class StageContext:
     seed: int
     placement: Optional[Placement] = None  # the run's reservation of Ray resources (None: unplaced)
     step_clock: float = field(default_factory=time.perf_counter)  # end of the previous step's bookkeeping
+    init_adapter: Optional[str] = None  # lora.continue_adapter: the PEFT adapter dir to keep training on init_path
 
     @property
     def final_dir(self) -> Path:
@@ -285,17 +288,25 @@ def save_state(ctx: StageContext, learners: Learners, step: int, cfg: Checkpoint
 
 def finish_stage(ctx: StageContext, learners: Learners, stage_cfg: StageConfig,
                  eval_metrics: dict[str, Any], train_metrics: dict[str, Any]) -> dict[str, Any]:
-    """Write the HF checkpoint (+ tokenizer), plots and the manifest the next stage reads."""
+    """Write the HF checkpoint (+ tokenizer), plots and the manifest the next stage reads.
+
+    A LoRA stage's checkpoint holds the merged weights, its adapter (PEFT format) is in
+    final/adapter; the manifest's `lora` names the adapter and the base it sits on (init_path;
+    null: the preset built from the run seed), which a continue_adapter stage starts from."""
     with atomic_dir(ctx.final_dir) as tmp:
         learners.save_pretrained(str(tmp))
         ctx.tokenizer.save_pretrained(str(tmp))
     plots = plot_stage(ctx.logger, stage_cfg.name, ctx.run_dir / "plots")
+    params = learners.call_rank0(parameter_counts)
+    ctx.console.print(f"{stage_cfg.name}: trained {params['trainable']:,.0f} of {params['total']:,.0f} parameters "
+                      f"({params['trainable_share']:.2%})")
     manifest = {
         "name": stage_cfg.name, "kind": stage_cfg.kind, "checkpoint": str(ctx.final_dir),
         "tokenizer": str(ctx.tokenizer_dir), "init_from": ctx.init_path,
         "config": dataclasses.asdict(stage_cfg), "eval": eval_metrics, "train": train_metrics,
         "throughput": throughput([r for r in ctx.logger.rows(stage_cfg.name) if r["split"] == "train"]),
-        "plots": [str(p) for p in plots],
+        "plots": [str(p) for p in plots], "params": params,
+        "lora": None if stage_cfg.lora is None else {"adapter": str(ctx.final_dir / "adapter"), "base": ctx.init_path},
     }
     write_json_atomic(ctx.stage_dir / "manifest.json", manifest)
     shutil.rmtree(ctx.state_root, ignore_errors=True)  # the final checkpoint supersedes it

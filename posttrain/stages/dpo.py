@@ -91,7 +91,7 @@ class DPOStageConfig(StageConfig):
 def run_dpo(ctx: StageContext, cfg: DPOStageConfig, learners: Learners) -> dict[str, Any]:
     world = learners.world_size
     objective = DPOObjective(cfg.loss, chunk_size=cfg.learner.loss_chunk_size)
-    learners.configure(cfg.optim, cfg.schedule, cfg.learner, cfg.steps)
+    learners.configure(cfg.optim, cfg.schedule, cfg.learner, cfg.steps, cfg.lora, ctx.init_adapter)
     # Both need the starting model: they run before any resumed state is loaded.
     train_pairs, eval_pairs = prepare_pairs(ctx, cfg, learners)
     train_pairs, eval_pairs = prepare_reference(ctx, cfg, learners, train_pairs, eval_pairs)

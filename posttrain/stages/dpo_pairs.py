@@ -35,6 +35,7 @@ from posttrain.data import DataError, Example, PreferenceRecord, collate, encode
 from posttrain.data.collate import shifted_targets
 from posttrain.data.packing import best_fit_decreasing
 from posttrain.learner import Learners
+from posttrain.lora import AdapterDisabled
 from posttrain.objectives import AnyPreferenceBatch, PackedPreferenceBatch, PreferenceBatch, reference_logprobs
 from posttrain.rollout import (
     RewardConfig, RewardRunner, RolloutConfig, SamplingConfig, SamplingParams, generate_on_model,
@@ -260,9 +261,11 @@ def compute_reference(learners: Learners, pairs: Sequence[Pair], pad_id: int, mi
     through the same batches as training (padded, or packed into rows of pack_len tokens).
 
     Called before the stage's first update, when the learner IS the reference model, so the
-    learner never holds a second model."""
+    learner never holds a second model. With LoRA the adapters are disabled for it: the
+    reference is the base weights the adapter trains on (for a fresh adapter, whose B is 0,
+    the same values; with lora.continue_adapter, the base under the continued adapter)."""
     batches = [preference_batch(pairs[i:i + micro_size], pad_id, pack_len) for i in range(0, len(pairs), micro_size)]
-    flat = learners.call_rank0(reference_logprobs, batches, chunk_size)
+    flat = learners.call_rank0(AdapterDisabled(reference_logprobs), batches, chunk_size)
     out: list[tuple[float, float]] = []
     pos = 0
     for i in range(0, len(pairs), micro_size):

@@ -36,6 +36,7 @@ from posttrain.data import encode_prompt, token_ids
 from posttrain.data.collate import IGNORE_INDEX
 from posttrain.evals import held_out_eval
 from posttrain.learner import Learners, ScheduleConfig
+from posttrain.lora import AdapterFreeReference
 from posttrain.objectives import CorrectionConfig, GRPOLoss, PolicyLoss, PolicyObjective, RLBatch, StepCounts
 from posttrain.progress import stage_progress
 from posttrain.rollout import (
@@ -140,7 +141,8 @@ def run_rl(ctx: StageContext, cfg: RLStageConfig, learners: Learners) -> dict[st
     rewards = RewardRunner(cfg.reward)
     objective = PolicyObjective(cfg.loss, cfg.sampling, cfg.correction, chunk_size=cfg.learner.loss_chunk_size)
 
-    learners.configure(cfg.optim, cfg.schedule, cfg.learner, cfg.steps * cfg.updates_per_batch)
+    learners.configure(cfg.optim, cfg.schedule, cfg.learner, cfg.steps * cfg.updates_per_batch, cfg.lora,
+                       ctx.init_adapter)
     start = resume_step(ctx, learners, cfg.name)
 
     ids = token_ids(ctx.tokenizer)
@@ -151,7 +153,7 @@ def run_rl(ctx: StageContext, cfg: RLStageConfig, learners: Learners) -> dict[st
     # Workers load the init checkpoint; after a resume (or from a fresh preset) the learner holds
     # other weights, so the first push is unconditional.
     sync.push(start)
-    reference = reference_policy(ctx, cfg, ids)
+    reference = reference_policy(ctx, cfg, ids, learners)
 
     def generate(prompt_ids: list[list[int]], params: SamplingParams) -> RolloutBatch:
         return generate_with_recovery(rollouts, sync, prompt_ids, params, ctx.console)
@@ -326,7 +328,7 @@ def to_rl_batch(samples: list[Sample], pad_id: int, mask_truncated: bool) -> RLB
                    torch.tensor([x.advantage for x in samples], dtype=torch.float32), rollout_lp)
 
 
-def learn(ctx: StageContext, cfg: RLStageConfig, learners: Learners, reference: Optional[Learners],
+def learn(ctx: StageContext, cfg: RLStageConfig, learners: Learners, reference: Any,
           samples: list[Sample], objective: PolicyObjective, step: int) -> dict[str, float]:
     """Old (and reference) log-probs, mismatch metrics, then K mini-batch optimizer steps.
     Returns learner metrics averaged over the K updates plus the mismatch metrics."""
@@ -376,13 +378,17 @@ def train_mismatch(batches: list[RLBatch], learner_logprobs: list[torch.Tensor])
     return {f"mismatch/{k}": float(v) for k, v in m.items()}
 
 
-def reference_policy(ctx: StageContext, cfg: RLStageConfig, ids: dict[str, Any]) -> Optional[Learners]:
+def reference_policy(ctx: StageContext, cfg: RLStageConfig, ids: dict[str, Any], learners: Learners) -> Any:
     """A frozen copy of the stage's init policy when the loss needs one (a KL term), or None.
 
     A one-rank LearnerGroup of its own (never configured, so it has no optimizer); its
-    log-probs come from the objective's `logprobs` like the learner's old log-probs."""
+    log-probs come from the objective's `logprobs` like the learner's old log-probs. With LoRA,
+    no second model: the learners' own weights with the adapters disabled (the base the
+    adapter trains on; with lora.continue_adapter that is the base under the continued one)."""
     if not cfg.loss.needs_reference:
         return None
+    if cfg.lora is not None:
+        return AdapterFreeReference(learners)
     from posttrain.cluster import LearnerGroup
 
     cluster = dataclasses.replace(ctx.cluster, learners=1)

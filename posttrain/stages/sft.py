@@ -65,7 +65,7 @@ def run_sft(ctx: StageContext, cfg: SFTStageConfig, learners: Learners) -> dict[
     world = learners.world_size
     objective = SFTObjective(chunk_size=cfg.learner.loss_chunk_size)
 
-    learners.configure(cfg.optim, cfg.schedule, cfg.learner, cfg.steps)
+    learners.configure(cfg.optim, cfg.schedule, cfg.learner, cfg.steps, cfg.lora, ctx.init_adapter)
     start = resume_step(ctx, learners, cfg.name)
 
     def evaluate(step: int) -> dict[str, Any]:
