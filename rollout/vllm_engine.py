@@ -34,6 +34,7 @@ processes); `_HostProcess` puts all of that back once the engine is up.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -140,9 +141,11 @@ class VLLMEngine:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
 
-        from posttrain.rollout.vllm_plugin import register
+        from posttrain.rollout.vllm_plugin import ARCHITECTURES, register
 
         register()  # our hybrid architecture (also registered by the vllm.general_plugins entry point)
+        with open(os.path.join(model_dir, "config.json")) as f:
+            hybrid = bool(set(json.load(f).get("architectures") or ()) & set(ARCHITECTURES))
         self.model_dir, self.owns_dir = model_dir, owns_dir
         self.policy_version = 0
         host = _HostProcess()
@@ -156,6 +159,9 @@ class VLLMEngine:
                 logprobs_mode="processed_logprobs",
                 worker_extension_cls=f"{PosttrainWorker.__module__}.{PosttrainWorker.__qualname__}",
                 disable_log_stats=True,
+                # our hybrid: vLLM's prefix caching of lightning states needs per-block state copies
+                # (its "align" mode), which the plugin does not implement
+                enable_prefix_caching=not hybrid,
             )
             self.llm.collective_rpc("posttrain_setup")
         finally:
