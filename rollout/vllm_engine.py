@@ -23,8 +23,9 @@ online; vLLM only decodes the tail that is then dropped.
 
 Weights: `load_weights` hands a bucket of (name, tensor) in checkpoint names to every vLLM worker
 (`collective_rpc` -> `PosttrainWorker.posttrain_load_weights` -> the vLLM model's own
-`load_weights`, which maps checkpoint names onto its fused layouts), then resets the prefix
-cache, whose blocks were computed with the old weights.
+`load_weights`, which maps checkpoint names onto its fused layouts) inside one vLLM layerwise
+reload per update (begun by the first bucket, finished by the next `generate`); finishing also
+resets the prefix cache, whose blocks were computed with the old weights.
 
 In-process engine: on CPU the engine core runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`):
 one process per rollout worker instead of three, no tensor serialisation on weight updates.
@@ -107,10 +108,18 @@ class PosttrainWorker:
 
         topk_topp.forward = forward
 
+    def posttrain_begin_weight_update(self) -> None:
+        """Start an in-place weight update: vLLM's layerwise reload puts every layer back into
+        checkpoint format (on CPU vLLM repacks linear weights for oneDNN after loading and drops
+        the originals, so a plain copy into them is impossible); a layer is repacked as soon as
+        all of its tensors arrived, whichever bucket they came in."""
+        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+        initialize_layerwise_reload(self.model_runner.model)
+
     def posttrain_load_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> int:
-        """Copy checkpoint-named tensors into the vLLM model in place; unknown names raise."""
-        model = self.model_runner.model
-        loaded = model.load_weights(iter(named_tensors))
+        """One bucket of checkpoint-named tensors through the model's own `load_weights`."""
+        loaded = self.model_runner.model.load_weights(iter(named_tensors))
         missing = {n for n, _ in named_tensors} - set(loaded or ())
         # vLLM's loaders return the names they filled: fused targets (qkv_proj, gate_up_proj)
         # instead of the checkpoint names they came from, so only check what is not fused away
@@ -118,6 +127,12 @@ class PosttrainWorker:
         if unknown:
             raise KeyError(f"load_weights: the vLLM model has no parameter for {sorted(unknown)[:5]}")
         return len(named_tensors)
+
+    def posttrain_finish_weight_update(self) -> None:
+        """Process the layers that are still incomplete and unwrap the reload loaders."""
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+        finalize_layerwise_reload(self.model_runner.model, self.model_config)
 
 
 _FUSED = (".q_proj.", ".k_proj.", ".v_proj.", ".gate_proj.", ".up_proj.")
@@ -148,6 +163,7 @@ class VLLMEngine:
             hybrid = bool(set(json.load(f).get("architectures") or ()) & set(ARCHITECTURES))
         self.model_dir, self.owns_dir = model_dir, owns_dir
         self.policy_version = 0
+        self._updating = False  # a weight update has begun and not finished (see load_weights)
         host = _HostProcess()
         try:
             self.llm = LLM(
@@ -172,6 +188,7 @@ class VLLMEngine:
         from vllm import SamplingParams as VLLMSamplingParams
         from vllm.inputs import TokensPrompt
 
+        self._finish_weight_update()
         if any(len(p) == 0 for p in prompts):
             raise ValueError("vllm engine: empty prompt (every prompt needs at least one token)")
         keys = [(p, s) for p in range(len(prompts)) for s in range(params.n)]
@@ -196,9 +213,18 @@ class VLLMEngine:
         return completions
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """One bucket of an update; the update completes before the next `generate`."""
+        if not self._updating:
+            self.llm.collective_rpc("posttrain_begin_weight_update")
+            self._updating = True
         bucket = [(name, tensor.detach()) for name, tensor in named_tensors]
         self.llm.collective_rpc("posttrain_load_weights", args=(bucket,))
-        self.llm.reset_prefix_cache()
+
+    def _finish_weight_update(self) -> None:
+        if self._updating:
+            self.llm.collective_rpc("posttrain_finish_weight_update")
+            self.llm.reset_prefix_cache()  # its blocks were computed with the old weights
+            self._updating = False
 
     def close(self) -> None:
         """Shut the engine down and delete a model directory the builder wrote."""

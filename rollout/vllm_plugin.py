@@ -217,7 +217,10 @@ def _model_cls():
             return self.lm_head(hidden)
 
         def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-            """Checkpoint tensors by name, copied in place (our names are vLLM's names here)."""
+            """Checkpoint tensors by name (our names are vLLM's names here), through each
+            parameter's `weight_loader` when vLLM attached one (its layerwise reload does)."""
+            from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+
             params = dict(self.named_parameters())
             loaded = set()
             with torch.no_grad():
@@ -229,7 +232,8 @@ def _model_cls():
                     if params[name].shape != tensor.shape:
                         raise ValueError(f"posttrain vLLM plugin: {name!r} has shape {tuple(tensor.shape)}, "
                                          f"expected {tuple(params[name].shape)}")
-                    params[name].copy_(tensor)
+                    param = params[name]
+                    getattr(param, "weight_loader", default_weight_loader)(param, tensor)
                     loaded.add(name)
             return loaded
 
