@@ -26,6 +26,7 @@ model (the engine disables it: vLLM's hybrid prefix caching needs per-block stat
 """
 from __future__ import annotations
 
+import functools
 from typing import Iterable, Optional
 
 import torch
@@ -48,8 +49,12 @@ def register() -> None:
     """Register our architectures with vLLM's ModelRegistry (the entry point; idempotent)."""
     from vllm import ModelRegistry
 
+    # the class itself, not a lazy "module:Class" string: vLLM would inspect a string-registered
+    # model in a subprocess (~10-20 s on a 2-core CPU, whenever this file changes); building the
+    # class imports vLLM's layer modules, nothing touches a device
+    model_cls = _model_cls()
     for arch in ARCHITECTURES:
-        ModelRegistry.register_model(arch, "posttrain.rollout.vllm_plugin:MiniMaxHybridForCausalLM")
+        ModelRegistry.register_model(arch, model_cls)
 
 
 def _vllm_classes():
@@ -69,6 +74,7 @@ def _metadata(prefix: str):
     return meta.get(prefix) if isinstance(meta, dict) else None
 
 
+@functools.cache
 def _lightning_cls():
     MambaBase, _, _ = _vllm_classes()
     from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
@@ -180,6 +186,7 @@ class _VLLMModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
+@functools.cache
 def _model_cls():
     _, HasInnerState, IsHybrid = _vllm_classes()
     from vllm.model_executor.layers.mamba.mamba_utils import MambaStateCopyFuncCalculator
@@ -257,7 +264,5 @@ def _model_cls():
 def __getattr__(name: str):
     # `posttrain.rollout.vllm_plugin:MiniMaxHybridForCausalLM` is what the registry imports
     if name == "MiniMaxHybridForCausalLM":
-        cls = _model_cls()
-        globals()[name] = cls
-        return cls
+        return _model_cls()
     raise AttributeError(name)
