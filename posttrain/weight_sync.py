@@ -23,7 +23,7 @@ class WeightSync(Protocol):
 
     def push(self, version: int, workers: Optional[Sequence[int]] = None) -> dict[str, float]:
         """Send the learner's current weights to `workers` (default: all) as `version`;
-        returns metrics (seconds, MiB, buckets)."""
+        returns metrics (seconds, buckets, workers rebuilt on the way)."""
         ...
 
 
@@ -61,6 +61,7 @@ class ObjectStoreWeightSync:
         if self._plan is None:
             self._plan = self.learners.call_rank0(bucket_plan, self.bucket_bytes)
         refs = [self.learners.call_rank0_async(weight_bucket, names) for names in self._plan]
-        self.rollouts.update_weights(refs, version, workers)
+        replaced = self.rollouts.update_weights(refs, version, workers)
         self.version = version
-        return {"sync/seconds": time.perf_counter() - start, "sync/buckets": float(len(refs))}
+        return {"sync/seconds": time.perf_counter() - start, "sync/buckets": float(len(refs)),
+                "sync/replaced_workers": float(len(replaced))}

@@ -13,8 +13,10 @@ One step, top to bottom:
      then K = updates_per_batch mini-batch optimizer steps with the PolicyObjective of `loss`;
   6. weight sync (the version increments) -> metrics -> periodic eval and resumable state.
 
-A rollout worker that dies is rebuilt from the init checkpoint, given the current weights and
-version, and the generation is retried once (posttrain.cluster.RolloutWorkerLost).
+A rollout worker that dies is rebuilt from the init checkpoint and given the current weights and
+version: by the weight sync itself when it dies before or during a sync (RolloutGroup.update_weights),
+else when a generation meets it, and that generation is retried once
+(posttrain.cluster.RolloutWorkerLost).
 """
 from __future__ import annotations
 
@@ -171,7 +173,7 @@ def run_rl(ctx: StageContext, cfg: RLStageConfig, learners: Learners) -> dict[st
                     with timer("learner"):
                         metrics.update(learn(ctx, cfg, learners, reference, samples, objective, step))
                     with timer("sync"):
-                        sync.push(step + 1)
+                        metrics.update(sync.push(step + 1))
                 else:  # every group had equal rewards in every round: nothing to learn from
                     ctx.console.print(f"[yellow]{cfg.name}: step {step + 1}: no informative group, no update[/yellow]")
                 last = {**metrics, **timer.metrics(), "policy_version": float(sync.version)}
