@@ -131,7 +131,7 @@ def main() -> None:
                           cpu_ratio("vllm", "native"), cpu_ratio("native", "hf"), equal("vllm"), equal("native"))
         if "vllm" in engines:
             vllm.close()
-    console = Console()
+    console = Console(width=200)
     console.print(table)
     for line in starts:
         console.print(line)

@@ -35,7 +35,7 @@ run_dir: {run_dir}
 stages:
   - name: rl
     kind: rl
-    steps: 12
+    steps: 8
     data: {{task: arithmetic, format: rl, task_args: {{n_train: 64, n_eval: 16}}}}
     prompts_per_step: 8
     sampling: {{n: 8, temperature: 1.0, max_new_tokens: 3}}
@@ -86,15 +86,15 @@ def test_rl_stage_on_vllm_workers_learns_and_survives_a_dead_worker(tmp_path):
            # its own Ray: ray.init() without an address joins another Ray instance it finds on the machine
            "RAY_ADDRESS": "local"}
     out = subprocess.run([sys.executable, "-m", "posttrain.cli", "run", str(recipe)], capture_output=True,
-                         text=True, env=env, timeout=1500)
+                         text=True, env=env, timeout=1200)
     log = out.stdout[-4000:] + out.stderr[-4000:]
     assert out.returncode == 0, log
     assert "test: killing rollout worker" in out.stdout, log
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["split"] == "train"]
-    assert [r["policy_version"] for r in train] == [float(s) for s in range(1, 13)]
+    assert [r["policy_version"] for r in train] == [float(s) for s in range(1, 9)]
     # killed during step 3's scoring: step 3's weight sync rebuilt it (and gave it the weights)
-    assert [r["sync/replaced_workers"] for r in train] == [0.0, 0.0, 1.0] + [0.0] * 9
+    assert [r["sync/replaced_workers"] for r in train] == [0.0, 0.0, 1.0] + [0.0] * 5
     rewards = [r["reward/mean"] for r in train]
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     assert first < 0.3 and last > max(0.5, 2 * first), rewards

