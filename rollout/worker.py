@@ -22,10 +22,15 @@ class RolloutConfig:
     """A rollout engine (the recipe's `rollout:` of rl stages and `pairs.rollout:` of dpo stages).
     Checked when built; invalid values raise ValueError("<field>: ...")."""
 
-    engine: Optional[Literal["hf", "native"]] = None  # a key of ENGINES; null: native for our hybrid, hf otherwise
-    max_slots: int = 64  # native: decode slots (its max batch); hf: rows per transformers generate call
-    max_len: Optional[int] = None  # native KV capacity per slot; null: longest prompt + max_new_tokens
+    engine: Optional[Literal["hf", "native", "vllm"]] = None  # a key of ENGINES; null: native for our hybrid, hf otherwise
+    max_slots: int = 64  # native: decode slots (its max batch); hf: rows per transformers generate call; vllm: max_num_seqs
+    # native: KV capacity per slot, null = longest prompt + max_new_tokens; vllm: max_model_len,
+    # null = the model's max_position_embeddings
+    max_len: Optional[int] = None
     weight_bucket_mb: float = 64.0  # weight sync moves and loads at most this many MiB at a time
+    # vllm: MiB for softmax layers' KV cache and lightning layers' states; null: vLLM's default
+    # share of the device (on CPU: gpu_memory_utilization of RAM)
+    kv_cache_mb: Optional[float] = 256.0
 
     def __post_init__(self) -> None:
         if self.engine is not None and self.engine not in ENGINES:
@@ -36,6 +41,8 @@ class RolloutConfig:
             raise ValueError(f"max_len: must be null or >= 1, got {self.max_len}")
         if not 0 < self.weight_bucket_mb < float("inf"):
             raise ValueError(f"weight_bucket_mb: must be a finite number > 0, got {self.weight_bucket_mb}")
+        if self.kv_cache_mb is not None and not 0 < self.kv_cache_mb < float("inf"):
+            raise ValueError(f"kv_cache_mb: must be null or a finite number > 0, got {self.kv_cache_mb}")
 
 
 def default_engine(model: nn.Module) -> str:
@@ -77,12 +84,20 @@ def _build_native(model: nn.Module, config: RolloutConfig) -> RolloutEngine:
     return NativeEngine(model, num_slots=config.max_slots, max_len=config.max_len)
 
 
+def _build_vllm(model: nn.Module, config: RolloutConfig) -> RolloutEngine:
+    from posttrain.rollout.vllm_engine import engine_for_model
+
+    return engine_for_model(model, max_num_seqs=config.max_slots, max_model_len=config.max_len,
+                            kv_cache_mb=config.kv_cache_mb)
+
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# Engine name -> builder(model, config). "vllm" joins here when its engine exists.
+# Engine name -> builder(model, config).
 ENGINES: dict[str, Callable[[nn.Module, RolloutConfig], RolloutEngine]] = {
     "hf": _build_hf,
     "native": _build_native,
+    "vllm": _build_vllm,
 }
 
 
@@ -116,6 +131,8 @@ class RolloutWorker:
         engine null: posttrain.models.build_model (the learner's own loading path), then the
         model's default engine (native for our hybrid, hf otherwise).
         native: build_model (our HybridForCausalLM; a non-MiniMax path fails).
+        vllm: build_model (ours for MiniMax, AutoModelForCausalLM otherwise), written to a
+        temporary directory that vLLM loads (our hybrid through posttrain.rollout.vllm_plugin).
         hf: transformers' own classes, the reference: AutoModelForCausalLM for a path,
         MiniMaxForCausalLM of the preset's config for a preset (random weights until the first
         update_weights). Its LM head runs in the model dtype (fp32 only when the model is fp32).
@@ -123,7 +140,7 @@ class RolloutWorker:
         from posttrain.models import HybridForCausalLM, build_model, preset_config
 
         dtype = _DTYPES[model_config.dtype]
-        if config.engine in (None, "native"):
+        if config.engine in (None, "native", "vllm"):
             model = build_model(model_config, **token_ids)
             if config.engine == "native" and not isinstance(model, HybridForCausalLM):
                 raise ValueError(

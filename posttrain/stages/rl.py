@@ -13,8 +13,10 @@ One step, top to bottom:
      then K = updates_per_batch mini-batch optimizer steps with the PolicyObjective of `loss`;
   6. weight sync (the version increments) -> metrics -> periodic eval and resumable state.
 
-A rollout worker that dies is rebuilt from the init checkpoint, given the current weights and
-version, and the generation is retried once (posttrain.cluster.RolloutWorkerLost).
+A rollout worker that dies is rebuilt from the init checkpoint and given the current weights and
+version: by the weight sync itself when it dies before or during a sync (RolloutGroup.update_weights),
+else when a generation meets it, and that generation is retried once
+(posttrain.cluster.RolloutWorkerLost).
 """
 from __future__ import annotations
 

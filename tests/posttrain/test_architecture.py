@@ -337,3 +337,26 @@ def test_no_import_cycles_between_modules():
         if v not in index:
             strongconnect(v)
     assert not cycles, cycles
+
+
+def _vllm_imports(tree: ast.AST) -> list[ast.stmt]:
+    return [n for n in ast.walk(tree) if (isinstance(n, ast.Import) and any(a.name.split(".")[0] == "vllm" for a in n.names))
+            or (isinstance(n, ast.ImportFrom) and (n.module or "").split(".")[0] == "vllm" and not n.level)]
+
+
+def test_vllm_is_imported_only_by_its_engine_and_plugin_and_only_inside_functions():
+    """posttrain works without vLLM: only rollout/vllm_engine.py and rollout/vllm_plugin.py name
+    it, and only in function bodies (importing either module never needs vLLM)."""
+    users, top_level = set(), []
+    for folder in PACKAGES.values():
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            tree = ast.parse(path.read_text())
+            found = _vllm_imports(tree)
+            if not found:
+                continue
+            users.add(str(path.relative_to(ROOT)))
+            inside = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                      for n in _vllm_imports(f)}
+            top_level += [f"{path.relative_to(ROOT)}:{n.lineno}" for n in found if id(n) not in inside]
+    assert users <= {"rollout/vllm_engine.py", "rollout/vllm_plugin.py"}, users
+    assert not top_level, top_level

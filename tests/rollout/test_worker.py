@@ -64,8 +64,10 @@ def test_weight_buckets_respect_size():
 
 
 def test_config_rejects_unknown_engine():
-    with pytest.raises(ValueError, match="'vllm' is not one of"):
-        RolloutConfig(engine="vllm")
+    with pytest.raises(ValueError, match="'sglang' is not one of"):
+        RolloutConfig(engine="sglang")
+    with pytest.raises(ValueError, match="kv_cache_mb: must be null or > 0"):
+        RolloutConfig(engine="vllm", kv_cache_mb=0)
 
 
 def test_preset_workers_build_both_engines():
