@@ -66,7 +66,7 @@ def test_weight_buckets_respect_size():
 def test_config_rejects_unknown_engine():
     with pytest.raises(ValueError, match="'sglang' is not one of"):
         RolloutConfig(engine="sglang")
-    with pytest.raises(ValueError, match="kv_cache_mb: must be null or > 0"):
+    with pytest.raises(ValueError, match="kv_cache_mb: must be null or a finite number > 0"):
         RolloutConfig(engine="vllm", kv_cache_mb=0)
 
 
