@@ -315,7 +315,11 @@ class RolloutHost:
         from posttrain.rollout import RolloutWorker
 
         torch.set_num_threads(threads)
-        self.worker = RolloutWorker.from_model_config(rollout_cfg, model_cfg.at_checkpoint(init_path), **token_ids)
+        from posttrain.learner import bind_device
+
+        # the GPU Ray assigned this worker (the first visible one), or the CPU
+        self.worker = RolloutWorker.from_model_config(rollout_cfg, model_cfg.at_checkpoint(init_path),
+                                                      device=bind_device(), **token_ids)
 
     def generate(self, prompt_ids: list[list[int]], params: Any) -> Any:
         return self.worker.generate(prompt_ids, params)

@@ -124,9 +124,10 @@ class RolloutWorker:
         self.engine: RolloutEngine = build_engine(model, config)
 
     @classmethod
-    def from_model_config(cls, config: RolloutConfig, model_config: ModelConfig, **token_ids: Any) -> "RolloutWorker":
-        """Build the engine's model from the run's ModelConfig (token_ids: vocab_size and special
-        ids, as for posttrain.models.build_model).
+    def from_model_config(cls, config: RolloutConfig, model_config: ModelConfig, *, device: Any = "cpu",
+                          **token_ids: Any) -> "RolloutWorker":
+        """Build the engine's model from the run's ModelConfig on `device` (token_ids: vocab_size
+        and special ids, as for posttrain.models.build_model).
 
         engine null: posttrain.models.build_model (the learner's own loading path), then the
         model's default engine (native for our hybrid, hf otherwise).
@@ -157,7 +158,7 @@ class RolloutWorker:
             hf_config = preset_config(model_config.preset, model_config.overrides,
                                       fp32_lm_head=model_config.fp32_lm_head, **token_ids)
             model = MiniMaxForCausalLM(hf_config).to(dtype)
-        return cls(config, model.eval())
+        return cls(config, model.to(device).eval())
 
     @property
     def policy_version(self) -> int:
