@@ -75,6 +75,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         if isinstance(e, DataError):
             print_error(console, "data error", e)
             return 2
+        from posttrain.cluster import LearnerLost
+
+        if isinstance(e, LearnerLost):  # a process died mid-run: one line, the way back is --resume
+            print_error(console, "error", e)
+            return 1
         raise
     return 0
 

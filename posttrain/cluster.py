@@ -202,6 +202,11 @@ class Placement:
             self.group = None
 
 
+class LearnerLost(RuntimeError):
+    """A learner rank died: the stage stops (its ranks cannot go on without it: they wait in the
+    collectives) and the run resumes from the last complete state with --resume."""
+
+
 class LearnerGroup:
     """`cluster.learners` DeepSpeed ranks, each a Ray actor holding a `Learner`, placed by
     `placement` (default: a placement of its own, removed at shutdown). role "reference": a
@@ -231,15 +236,24 @@ class LearnerGroup:
         """Each rank's Ray GPU ids, visible devices and bound device (rank order)."""
         return self._all("placement")
 
-    def _all(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
+    def _get(self, refs: list[Any]) -> list[Any]:
+        """ray.get of the ranks' answers; a dead rank is LearnerLost at once (the live ranks
+        would wait for it in a collective forever, so answers are checked as they come)."""
         import ray
 
-        return ray.get([getattr(a, method).remote(*args, **kwargs) for a in self.actors])
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            try:
+                ray.get(ready[0])
+            except ray.exceptions.RayActorError as e:
+                rank = refs.index(ready[0]) if len(refs) == len(self.actors) else 0
+                raise LearnerLost(f"learner rank {rank} died ({type(e).__name__}); the stage stopped. Its last "
+                                  f"complete state is kept: run again with --resume to continue from it") from None
+        return ray.get(list(refs))
 
-    def _each(self, method: str, per_rank: list[Any], **kwargs: Any) -> list[Any]:
-        import ray
-
-        return ray.get([getattr(a, method).remote(arg, **kwargs) for a, arg in zip(self.actors, per_rank)])
+    def _all(self, method: str, *args: Any) -> list[Any]:
+        return self._get([getattr(a, method).remote(*args) for a in self.actors])
 
     def configure(self, optim: Any, schedule: Any, learner: Any, total_steps: int, lora: Any = None,
                   adapter: Optional[str] = None) -> None:
@@ -248,18 +262,18 @@ class LearnerGroup:
     def train_step(self, objective: Objective, per_rank: list[list[Any]], counts: StepCounts) -> dict[str, float]:
         import ray
 
-        return ray.get([a.train_step.remote(objective, mb, counts) for a, mb in zip(self.actors, per_rank)])[0]
+        return self._get([a.train_step.remote(objective, mb, counts) for a, mb in zip(self.actors, per_rank)])[0]
 
     def evaluate(self, objective: Objective, per_rank: list[list[Any]], counts: StepCounts) -> dict[str, float]:
         import ray
 
-        return ray.get([a.evaluate.remote(objective, mb, counts) for a, mb in zip(self.actors, per_rank)])[0]
+        return self._get([a.evaluate.remote(objective, mb, counts) for a, mb in zip(self.actors, per_rank)])[0]
 
     def call_rank0(self, fn: Callable[..., Any], *args: Any) -> Any:
         """fn(rank 0's model, *args) on the learner: generation, old / reference log-probs."""
         import ray
 
-        return ray.get(self.actors[0].call.remote(fn, *args))
+        return self._get([self.actors[0].call.remote(fn, *args)])[0]
 
     def call_rank0_async(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Like call_rank0 but returns the ObjectRef: the result stays in the object store

@@ -8,6 +8,8 @@ the local Ray instance goes too). Points:
     step:<stage>:<n>      optimizer step n (1-based) of <stage> computed, not yet logged or saved
     checkpoint:<stage>:<n>  the resumable state after step n written into its temp dir, not yet renamed
     stage_done:<stage>    the stage's manifest written, the next stage not started
+    learner:<n>           a learner rank about to run its n-th optimizer step of the stage (the
+                          rank's own process dies: the driver sees a lost learner)
 
 Unset (always, outside tests), `kill_point` is one dictionary lookup.
 """

@@ -27,6 +27,7 @@ from typing import Any, Callable, Literal, Optional, Protocol
 import torch
 
 from posttrain.data.collate import to_device
+from posttrain.faults import kill_point
 from posttrain.lora import LoRAConfig, apply_lora, merged_state
 from posttrain.models import ModelConfig, eval_mode
 from posttrain.objectives.common import Objective, StepCounts
@@ -265,6 +266,7 @@ class Learner:
         """
         eng = self.engine
         assert eng is not None, "call configure() first"
+        kill_point("learner", self.step + 1)  # fault tests: this rank dies before the step
         totals: dict[str, float] = {}
         n = len(micro_batches)
         for i, micro in enumerate(micro_batches):
