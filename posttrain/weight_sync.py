@@ -212,17 +212,32 @@ def _node_address(model: Any) -> tuple[str, int]:
     return here()
 
 
-class BroadcastWeightSync:
-    """Bucketed broadcast from learner rank 0 to every rollout worker (see the module docstring).
-    The group is built on the first push and rebuilt when workers were replaced."""
-
-    _name = "rollout-weights"
+class _FlatBucketSync:
+    """What the broadcast and CUDA IPC syncs share: the bucket plan of (name, shape, dtype),
+    computed once on learner rank 0, and the version rule."""
 
     def __init__(self, learners: Any, rollouts: Any, *, bucket_mb: float, version: int = 0):
         self.learners, self.rollouts = learners, rollouts
         self.bucket_bytes = int(bucket_mb * 2**20)
         self.version = version
         self._plan: Optional[list] = None
+
+    def _plan_for(self, version: int) -> list:
+        if version < self.version:
+            raise ValueError(f"weight sync: version {version} is older than the last pushed {self.version}")
+        if self._plan is None:
+            self._plan = self.learners.call_rank0(flat_plan, self.bucket_bytes)
+        return self._plan
+
+
+class BroadcastWeightSync(_FlatBucketSync):
+    """Bucketed broadcast from learner rank 0 to every rollout worker (see the module docstring).
+    The group is built on the first push and rebuilt when workers were replaced."""
+
+    _name = "rollout-weights"
+
+    def __init__(self, learners: Any, rollouts: Any, *, bucket_mb: float, version: int = 0):
+        super().__init__(learners, rollouts, bucket_mb=bucket_mb, version=version)
         self._joined = False
 
     def _join(self) -> None:
@@ -239,11 +254,8 @@ class BroadcastWeightSync:
     def push(self, version: int, workers: Optional[Sequence[int]] = None) -> dict[str, float]:
         import ray
 
-        if version < self.version:
-            raise ValueError(f"weight sync: version {version} is older than the last pushed {self.version}")
         start = time.perf_counter()
-        if self._plan is None:
-            self._plan = self.learners.call_rank0(flat_plan, self.bucket_bytes)
+        self._plan_for(version)
         if workers is not None or not self._joined:  # replaced workers: a new group with everyone
             self._join()
         send = self.learners.call_rank0_async(broadcast_send, self._name, self._plan)
@@ -283,24 +295,15 @@ def ipc_receive(model: torch.nn.Module, plan: list[list[tuple[str, list[int], st
         yield from unflatten(bucket, flat)
 
 
-class CudaIpcWeightSync:
+class CudaIpcWeightSync(_FlatBucketSync):
     """Worker i copies from learner rank (i mod learners) on the same GPU through CUDA IPC
     handles (ZeRO 0-2 keep full parameters on every rank). See the module docstring."""
-
-    def __init__(self, learners: Any, rollouts: Any, *, bucket_mb: float, version: int = 0):
-        self.learners, self.rollouts = learners, rollouts
-        self.bucket_bytes = int(bucket_mb * 2**20)
-        self.version = version
-        self._plan: Optional[list] = None
 
     def push(self, version: int, workers: Optional[Sequence[int]] = None) -> dict[str, float]:
         import ray
 
-        if version < self.version:
-            raise ValueError(f"weight sync: version {version} is older than the last pushed {self.version}")
         start = time.perf_counter()
-        if self._plan is None:
-            self._plan = self.learners.call_rank0(flat_plan, self.bucket_bytes)
+        self._plan_for(version)
         idx = list(range(len(self.rollouts))) if workers is None else list(workers)
         ranks = sorted({i % self.learners.world_size for i in idx})
         handles = {r: ray.get([self.learners.call_rank_async(r, ipc_handles, b) for b in self._plan]) for r in ranks}
