@@ -363,7 +363,10 @@ def _all_reduce_sum(metrics: dict[str, float]) -> dict[str, float]:
     if not metrics or not tdist.is_initialized() or tdist.get_world_size() == 1:
         return dict(metrics)
     keys = sorted(metrics)
-    t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
+    # NCCL reduces CUDA tensors only (a CPU tensor fails: "No backend type associated with
+    # device type cpu"); gloo takes CPU tensors
+    device = torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=device)
     tdist.all_reduce(t)
     return {k: float(v) for k, v in zip(keys, t.tolist())}
 

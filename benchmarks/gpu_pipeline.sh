@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The real pipeline on a GPU machine of the device tool (Ray + DeepSpeed there come from .whl/,
+# built once by ../shared/tools/device-wheels.sh; carry [".whl"], and [".tcache"] when a
+# previous call packed fla's Triton autotuning there). posttrain is pip-installed into /tmp/pt
+# and every run starts from /tmp (the repo root would shadow the package inside Ray workers).
+#   bash benchmarks/gpu_pipeline.sh PART...   (logs, summaries and run outputs in $OUT)
+# Parts:
+#   gputests  the GPU tests: placement + CUDA IPC / NCCL syncs, multi-rank learners (NCCL)
+#   lora      benchmarks/lora_vs_full.py (peak memory and step time, LoRA vs full)
+#   RECIPE    `posttrain run RECIPE` (a shipped name: gpu, gpu_split, ...): summary + metrics
+set -o pipefail
+OUT=${OUT:-$PWD/gpu_out}; mkdir -p "$OUT"
+REPO=$PWD
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target /tmp/pt . || exit 1
+export PYTHONPATH=/tmp/pt:/tmp/site PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/tcache PATH=/tmp/site/bin:$PATH
+mkdir -p /tmp/tcache && ls .tcache/triton.tgz.* >/dev/null 2>&1 && cat .tcache/triton.tgz.* | tar xz -C /tmp \
+  && echo "triton cache: $(ls /tmp/tcache | wc -l) entries carried"
+# only fla's autotuning results and the compiled launchers travel back (the winners compile again
+# in seconds; all autotuned variants are >100 MB)
+pack_cache() { (cd /tmp && { find tcache -name '*.autotune.json'; find tcache -name '*.so' -printf '%h\n'; } \
+  | tar czf "$OUT/triton.tgz.aa" -T -); }
+trap pack_cache EXIT
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+# tests run from a copy outside any dir named posttrain, against the installed package
+rm -rf /tmp/gt && mkdir -p /tmp/gt && cp -r tests/conftest.py tests/posttrain /tmp/gt/ && mv /tmp/gt/posttrain /tmp/gt/tp
+for part in "$@"; do
+  echo "== $part $(date +%T)"
+  case $part in
+    gputests)
+      (cd /tmp/gt && timeout 300 python3 -m pytest -q -p no:cacheprovider --import-mode=importlib --rootdir /tmp/gt \
+        --durations=0 ${GPUTESTS:-tp/test_gpu_placement.py tp/test_learner.py} 2>&1 | tee "$OUT/gputests.log" | tail -30) ;;
+    lora)
+      (cd /tmp && timeout 300 python3 "$REPO/benchmarks/lora_vs_full.py" ${LORA_ARGS:-} 2>&1 | grep --line-buffered -v Warning \
+        | tee "$OUT/lora.log" | tail -20) ;;
+    *)
+      (cd /tmp && timeout ${RUN_TIMEOUT:-420} python3 -m posttrain.cli run "$part" --overwrite run_dir=/tmp/runs/$part ${RUN_ARGS:-} \
+        > "$OUT/$part.log" 2>&1; echo "rc=$?"; grep -v "Warning\|warn(" "$OUT/$part.log" | tail -40)
+      tar cz -C /tmp/runs --exclude='*.safetensors' --exclude='*.pt' --exclude='state*' --exclude='checkpoint*' "$part" \
+        > "$OUT/$part.run.tgz" ;;
+  esac
+done
