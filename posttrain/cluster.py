@@ -323,7 +323,10 @@ class RolloutHost:
     init checkpoint (or the preset), plus the glue Ray needs (threads, bucket refs)."""
 
     def __init__(self, rollout_cfg: Any, model_cfg: ModelConfig, init_path: Optional[str], *,
-                 token_ids: dict[str, Any], threads: int):
+                 token_ids: dict[str, Any], threads: int, release_memory: bool = False):
+        """release_memory: hand the engine's freed GPU memory (decode caches, prefill
+        activations) back to the driver after each generation, so a learner sharing the GPU
+        (colocated) can use it while it trains; the weights stay."""
         import torch
 
         from posttrain.rollout import RolloutWorker
@@ -332,11 +335,17 @@ class RolloutHost:
         from posttrain.learner import bind_device
 
         # the GPU Ray assigned this worker (the first visible one), or the CPU
+        self.release_memory = release_memory
         self.worker = RolloutWorker.from_model_config(rollout_cfg, model_cfg.at_checkpoint(init_path),
                                                       device=bind_device(), **token_ids)
 
     def generate(self, prompt_ids: list[list[int]], params: Any) -> Any:
-        return self.worker.generate(prompt_ids, params)
+        import torch
+
+        out = self.worker.generate(prompt_ids, params)
+        if self.release_memory and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return out
 
     def update_weights(self, bucket_refs: list[Any], version: int) -> int:
         """Fetch the buckets one at a time from the object store (peak memory ~ one bucket)."""
@@ -383,7 +392,9 @@ class RolloutGroup:
         self._cpus = cluster.cpus_per_rollout_worker
         self._cls = ray.remote(max_restarts=0)(RolloutHost)
         self._args = (rollout_cfg, model_cfg, init_path)
-        self._kwargs = dict(token_ids=token_ids, threads=threads)
+        # colocated on GPUs: the learner trains on the same GPU between generations
+        release = placement is not None and placement.gpus and placement.mode == "colocated"
+        self._kwargs = dict(token_ids=token_ids, threads=threads, release_memory=release)
         self.actors = [self._spawn(i) for i in range(n)]
         ray.get([a.policy_version.remote() for a in self.actors])  # surface build errors here
 

@@ -11,7 +11,7 @@ from posttrain.cluster import ClusterConfig, LearnerGroup, Placement, RolloutGro
 from posttrain.learner import LearnerConfig, OptimConfig, ScheduleConfig
 from posttrain.models import ModelConfig
 from posttrain.objectives import GRPOLoss, PolicyObjective, SFTObjective, StepCounts
-from posttrain.rollout import Completion, RolloutConfig, SamplingConfig
+from posttrain.rollout import Completion, RolloutConfig, SamplingConfig, SamplingParams
 from posttrain.stages.rl import Sample, to_rl_batch
 from posttrain.weight_sync import BroadcastWeightSync, CudaIpcWeightSync
 
@@ -56,6 +56,12 @@ def check_sync(mode: str, sync_cls, gpus_needed: int, ray_local) -> dict:
         assert diff(learners, rollouts, 0) > 1e-5
         sync.push(2)
         assert diff(learners, rollouts, 0) <= 1e-5 and rollouts.policy_versions() == [2]
+        # colocated: the engine hands its generation memory back to the GPU (the learner trains
+        # there next); split: it keeps its allocator's cache for the next generation
+        before = rollouts.placements()[0]["cuda_reserved_mib"]
+        prompts = [[5 + (i + j) % 30 for j in range(256)] for i in range(64)]
+        rollouts.generate(prompts, SamplingParams(n=8, temperature=1.0, max_new_tokens=16, seed=0))
+        where["reserved_mib"] = (before, rollouts.placements()[0]["cuda_reserved_mib"])
         return where
     finally:
         rollouts.shutdown()
@@ -66,8 +72,12 @@ def check_sync(mode: str, sync_cls, gpus_needed: int, ray_local) -> dict:
 def test_colocated_cuda_ipc_sync(ray_local):
     where = check_sync("colocated", CudaIpcWeightSync, 1, ray_local)
     assert where["learner"]["gpu_ids"] == where["rollout"]["gpu_ids"]  # the same GPU
+    before, after = where["reserved_mib"]
+    assert after <= before + 2, where["reserved_mib"]
 
 
 def test_split_nccl_broadcast_sync(ray_local):
     where = check_sync("split", BroadcastWeightSync, 2, ray_local)
     assert set(where["learner"]["gpu_ids"]).isdisjoint(where["rollout"]["gpu_ids"])
+    before, after = where["reserved_mib"]
+    assert after > before + 2, where["reserved_mib"]  # what colocated gives back is really held
