@@ -29,8 +29,12 @@ daemons and actors), sampled every second; CUDA: torch.cuda.max_memory_allocated
 process (posttrain: the learner; its colocated rollout worker is a separate process, not included:
 the JSON also has the whole tree's device memory from nvidia-smi when available).
 
-    .venv/bin/python benchmarks/vs_trl.py --device cpu --out benchmark_out/vs_trl      # tiny, minutes
-    python3 benchmarks/vs_trl.py --device cuda --out $OUT/vs_trl                         # H200 sizes
+    .venv/bin/python benchmarks/vs_trl.py --device cpu --out benchmark_out/vs_trl      # tiny, ~15 minutes
+    python3 benchmarks/vs_trl.py --device cuda --stages cispo grpo sft dpo --budget 330 --out $OUT/vs_trl
+
+Rows run stage by stage in `--stages` order (both families each), so with `--budget` the rows
+that matter most come first. Each side runs from a directory of its own under `--out` (never
+the repository root, which would shadow the installed posttrain inside Ray workers).
 """
 from __future__ import annotations
 
@@ -94,7 +98,8 @@ class Settings:
 
 PRESETS = {  # --preset: the sizes each device runs by default
     "cpu": Settings(),
-    "cuda": Settings(device="cuda", threads=4, steps=4, warmup=1, sft_batch=64, sft_micro=64, dpo_batch=64,
+    # issue 16's shape: 8 prompts x 8 samples, <= 128 new tokens; SFT as recipes/gpu.yaml (128 rows x 64)
+    "cuda": Settings(device="cuda", threads=4, steps=4, warmup=1, sft_batch=128, sft_micro=128, dpo_batch=64,
                      dpo_micro=64, max_len=64, prompts=8, group=8, rl_micro=32, max_new_tokens=128),
 }
 
