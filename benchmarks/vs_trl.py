@@ -30,7 +30,7 @@ process (posttrain: the learner; its colocated rollout worker is a separate proc
 the JSON also has the whole tree's device memory from nvidia-smi when available).
 
     .venv/bin/python benchmarks/vs_trl.py --device cpu --out benchmark_out/vs_trl      # tiny, ~15 minutes
-    python3 benchmarks/vs_trl.py --device cuda --stages cispo grpo sft dpo --budget 330 --out $OUT/vs_trl
+    python3 benchmarks/vs_trl.py --device cuda --stages cispo grpo sft dpo --budget 300 --timeout 200 --out $OUT/vs_trl
 
 Rows run stage by stage in `--stages` order (both families each), so with `--budget` the rows
 that matter most come first. Each side runs from a directory of its own under `--out` (never
@@ -115,6 +115,8 @@ def posttrain_recipe(s: Settings, family: str, stage: str, paths: dict[str, str]
         "optim": {"lr": s.lr, "betas": list(s.betas), "eps": s.eps, "weight_decay": 0.0, "grad_clip": s.grad_clip},
         "schedule": {"kind": "constant", "warmup_steps": 0},
         "eval": {"every": 0}, "checkpoint": {"every": 0},
+        # CUDA: DeepSpeed bf16 with ZeRO-1, as recipes/gpu.yaml (fp32 master weights and AdamW state)
+        "learner": {"zero_stage": 1 if s.device == "cuda" else 0},
     }
     if stage == "sft":
         common |= {"data": {"train": paths["sft"], "format": "prompt_completion", "max_seq_len": s.max_len},

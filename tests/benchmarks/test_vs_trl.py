@@ -85,4 +85,5 @@ def test_cuda_settings_match_precision(vs_trl, inputs):
         raw = vs_trl.posttrain_recipe(s, "qwen2", stage, paths, str(work / "run"))
         t = vs_trl.trl_config(s, stage, str(work / "trl"))
         assert raw["model"]["dtype"] == "bfloat16" and t["bf16"] and not t["use_cpu"]
+        assert raw["stages"][0]["learner"]["zero_stage"] == 1  # as recipes/gpu.yaml
     assert (s.prompts, s.group, s.max_new_tokens) == (8, 8, 128)  # the shape of issue 16's measurement
