@@ -1,6 +1,7 @@
 """The reference engine: transformers `generate` for any Hugging Face causal LM.
 
-Batched over rows of equal prompt length (see `_equal_length_chunks` for why not padded). `output_logits=True` returns the raw (unprocessed) logits of every
+Batched over left-padded rows; for MiniMax models only rows of equal prompt length (see
+`_chunks` for why not padded). `output_logits=True` returns the raw (unprocessed) logits of every
 step; the engine's log-probs are log_softmax(logits.float() / T) at the sampled ids (see
 posttrain.rollout.types for why there is no top-k/top-p renormalisation). Slow but simple: it is
 the yardstick the native and vLLM engines are tested against.
@@ -73,7 +74,9 @@ class HFEngine:
         return GenerationConfig(
             do_sample=sample,
             temperature=params.temperature if sample else None,
-            top_k=params.top_k if sample and params.top_k > 0 else None,
+            # 0, not None: None lets transformers apply its default top_k=50 (found by
+            # benchmarks/vs_trl.py: a 107-token model then never sampled its eos)
+            top_k=(params.top_k if params.top_k > 0 else 0) if sample else None,
             top_p=params.top_p if sample and params.top_p < 1.0 else None,
             max_new_tokens=params.max_new_tokens,
             min_new_tokens=0,
@@ -111,24 +114,26 @@ class HFEngine:
         with torch.random.fork_rng(devices=rng_devices):
             if params.seed is not None:
                 torch.manual_seed(params.seed)
-            for chunk in self._equal_length_chunks(prompts, keys):
+            for chunk in self._chunks(prompts, keys):
                 rows = self._generate_rows([prompts[p] for p, _ in chunk], params)
                 raw.update(zip(chunk, rows))
         return [finish_completion(p, s, *raw[(p, s)], params) for p, s in keys]
 
-    def _equal_length_chunks(
-        self, prompts: Sequence[Sequence[int]], keys: list[tuple[int, int]]
-    ) -> list[list[tuple[int, int]]]:
-        """Batch only rows whose prompts have the same length, so no row is ever padded.
+    def _chunks(self, prompts: Sequence[Sequence[int]], keys: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+        """Rows of one generate call each: up to max_batch rows, left-padded to the longest prompt;
+        for MiniMax models only rows whose prompts have the same length, so no row is ever padded.
 
         Why: with transformers 5.19, MiniMax models whose layer 0 is a lightning layer build the
         decode-time softmax-attention mask from layer 0's (empty) KV length, so left-padding keys
         leak into later decode steps (log-prob errors ~1e-3 against a full forward). Equal-length
-        batches sidestep it exactly; the n samples of one prompt always batch together.
+        batches sidestep it exactly; the n samples of one prompt always batch together. Other
+        models pad correctly, and one call per prompt length would decode the whole budget once
+        per distinct length (arithmetic prompts: ~5 calls instead of 1, 2x TRL's step time).
         """
         by_len: dict[int, list[tuple[int, int]]] = {}
+        exact = getattr(self.model.config, "model_type", None) == "minimax"
         for key in keys:
-            by_len.setdefault(len(prompts[key[0]]), []).append(key)
+            by_len.setdefault(len(prompts[key[0]]) if exact else 0, []).append(key)
         size = self.max_batch or len(keys)
         return [group[i:i + size] for group in by_len.values() for i in range(0, len(group), size)]
 
