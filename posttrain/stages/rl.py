@@ -169,6 +169,7 @@ def run_rl(ctx: StageContext, cfg: RLStageConfig, learners: Learners) -> dict[st
     try:
         if start == 0 and eval_records:
             evaluate(0)
+        ctx.step_clock = time.perf_counter()  # step 1's time/step without the workers' start and eval 0
         with stage_progress(ctx.console, cfg.name, cfg.steps, start) as bar:
             for step in range(start, cfg.steps):
                 timer = PhaseTimer()
@@ -236,13 +237,15 @@ def collect_samples(ctx: StageContext, cfg: RLStageConfig, step: int, prompts: l
                     timer: PhaseTimer) -> tuple[list[Sample], dict[str, float]]:
     """Generate, score and filter until `prompts_per_step` informative groups are kept (or the
     extra rounds run out). Reward/accuracy metrics describe the first round (an unbiased draw
-    of the current policy); filter metrics describe all rounds."""
+    of the current policy); filter metrics describe all rounds. `staleness`: steps between this
+    step and the oldest policy version that sampled it; `sampled_tokens`: completion tokens of
+    every round."""
     flt = cfg.filters
     want = cfg.prompts_per_step
     rounds = 1 + (flt.max_extra_rounds if flt.dynamic_sampling else 0)
     kept: list[list[Sample]] = []
     metrics: dict[str, float] = {}
-    seen = 0
+    seen, sampled, oldest = 0, 0, step
     for rnd in range(rounds):
         # Round r of step t reads the prompt slice of "virtual step" t * rounds + r.
         idx = batch_indices(len(prompts), want, step * rounds + rnd, ctx.seed)
@@ -250,6 +253,8 @@ def collect_samples(ctx: StageContext, cfg: RLStageConfig, step: int, prompts: l
                                    seed=sampling_seed(ctx.seed, step, rnd))
         with timer("generate"):
             batch = generate([prompts[i] for i in idx], params)
+        sampled += sum(len(c.token_ids) for c in batch.completions)
+        oldest = min(oldest, batch.policy_version)
         with timer("reward"):
             groups, m = score_groups(ctx, cfg, batch.completions, [prompts[i] for i in idx],
                                      [records[i].answer for i in idx], rewards)
@@ -264,7 +269,8 @@ def collect_samples(ctx: StageContext, cfg: RLStageConfig, step: int, prompts: l
             break
     kept = kept[:want]
     metrics.update({"filter/rounds": float(rnd + 1), "filter/kept_groups": float(len(kept)),
-                    "filter/kept_frac_of_sampled": len(kept) / max(seen, 1)})
+                    "filter/kept_frac_of_sampled": len(kept) / max(seen, 1),
+                    "staleness": float(step - oldest), "sampled_tokens": float(sampled)})
     return [x for g in with_advantages(kept, cfg) for x in g], metrics
 
 
