@@ -94,6 +94,24 @@ def test_max_staleness_0_needs_no_correction_and_split_on_cpu_loads(tmp_path, im
     assert cfg.stages[0].async_rollout.max_staleness == 1
 
 
+def test_which_steps_are_generated_ahead_and_the_colocated_gpu_fallback(tmp_path, importable):
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from posttrain.stages.rl import generate_ahead, steps_ahead
+
+    cfg = load_recipe(str(write(tmp_path, "ok", steps=7, every=3, extra="    async_rollout: {}\n" + TIS))).stages[0]
+    assert [s for s in range(8) if generate_ahead(cfg, s)] == [1, 2, 4, 5]  # never 0, 3, 6 (checkpoints), 7 (the end)
+    console = Console(record=True, width=200)
+    ctx = lambda p: SimpleNamespace(placement=p, console=console)  # noqa: E731
+    assert steps_ahead(ctx(None), cfg) == 1
+    assert steps_ahead(ctx(SimpleNamespace(gpus=False, mode="colocated")), cfg) == 1  # CPU: workers are processes
+    assert steps_ahead(ctx(SimpleNamespace(gpus=True, mode="split")), cfg) == 1
+    assert steps_ahead(ctx(SimpleNamespace(gpus=True, mode="colocated")), cfg) == 0
+    assert "running without overlap" in console.export_text()
+
+
 @pytest.mark.slow
 def test_one_step_off_raises_the_reward_within_the_staleness_bound(tmp_path, importable, ray_local):
     from posttrain.pipeline import run_recipe
