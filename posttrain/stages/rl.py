@@ -13,6 +13,11 @@ One step, top to bottom:
      then K = updates_per_batch mini-batch optimizer steps with the PolicyObjective of `loss`;
   6. weight sync (the version increments) -> metrics -> periodic eval and resumable state.
 
+With `async_rollout` (docs/async_rl.md) steps 1-4 of step t + 1 run on a driver thread while
+the learner does step 5 of step t, from the weights step t trains from (one step off-policy; the
+stage's TIS/MIS correction weighs the lag); the step after a checkpoint is generated from its
+own weights, so a resumed run trains on exactly what an uninterrupted one did.
+
 A rollout worker that dies is rebuilt from the init checkpoint and given the current weights and
 version: by the weight sync itself when it dies before or during a sync (RolloutGroup.update_weights),
 else when a generation meets it, and that generation is retried once
