@@ -261,12 +261,17 @@ def end_of_step(ctx: StageContext, cfg: StageConfig, learners: Learners, done: i
 
 def throughput(rows: list[dict[str, Any]]) -> dict[str, float]:
     """A stage's training throughput from its logged train rows: trained tokens per second of
-    step wall time (rl: the whole step, generation included), and the learners' peak GPU memory."""
+    step wall time (rl: the whole step, generation included; also sampled and sampled + trained
+    tokens per second), and the learners' peak GPU memory."""
     secs = sum(r.get("time/step", 0.0) for r in rows)
     out = {"steps_logged": float(len(rows)), "seconds": secs}
     tokens = sum(r.get("tokens", 0.0) for r in rows)
     if secs > 0 and tokens > 0:
         out["tokens_per_s"] = tokens / secs
+    sampled = sum(r.get("sampled_tokens", 0.0) for r in rows)
+    if secs > 0 and sampled > 0:
+        out["sampled_tokens_per_s"] = sampled / secs
+        out["sampled_trained_tokens_per_s"] = (sampled + tokens) / secs
     peaks = [r["gpu_peak_gib"] for r in rows if "gpu_peak_gib" in r]
     if peaks:
         out["gpu_peak_gib"] = max(peaks)

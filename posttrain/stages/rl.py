@@ -13,6 +13,11 @@ One step, top to bottom:
      then K = updates_per_batch mini-batch optimizer steps with the PolicyObjective of `loss`;
   6. weight sync (the version increments) -> metrics -> periodic eval and resumable state.
 
+With `async_rollout` (docs/async_rl.md) steps 1-4 of step t + 1 run on a driver thread while
+the learner does step 5 of step t, from the weights step t trains from (one step off-policy; the
+stage's TIS/MIS correction weighs the lag); the step after a checkpoint is generated from its
+own weights, so a resumed run trains on exactly what an uninterrupted one did.
+
 A rollout worker that dies is rebuilt from the init checkpoint and given the current weights and
 version: by the weight sync itself when it dies before or during a sync (RolloutGroup.update_weights),
 else when a generation meets it, and that generation is retried once
@@ -24,6 +29,7 @@ import dataclasses
 import math
 import random
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Literal, Optional
@@ -34,6 +40,7 @@ from posttrain.algorithms import (
     balanced_advantages, dynamic_sampling_mask, group_advantages, mismatch_metrics, overlong_penalty,
     truncation_mask,
 )
+from posttrain.cluster import ClusterConfig
 from posttrain.data import encode_prompt, token_ids
 from posttrain.data.collate import IGNORE_INDEX
 from posttrain.evals import held_out_eval
@@ -82,6 +89,25 @@ class FilterConfig:
             raise ValueError(f"overlong_penalty: must be a finite number >= 0, got {self.overlong_penalty}")
 
 
+@dataclass(frozen=True)
+class AsyncRolloutConfig:
+    """Asynchronous (one-step-off-policy) RL, docs/async_rl.md: the rollout batch of step t + 1 is
+    generated, scored and filtered while the learner trains step t, from the weights step t
+    trains from. The batch trained at step t was then sampled by the weights of step t - 1: the
+    stage's `correction` (TIS/MIS) weighs the engine's log-probs against the learner's current
+    ones. The step after a checkpoint (checkpoint.every) is generated from that step's own
+    weights, so a resumed run regenerates exactly what an uninterrupted one trained on."""
+
+    # 1: one step off (the batch of step t sampled by the weights of step t - 1 at the oldest);
+    # 0: no overlap, the synchronous loop's results through the asynchronous path
+    max_staleness: int = 1
+
+    def __post_init__(self) -> None:
+        if self.max_staleness not in (0, 1) or isinstance(self.max_staleness, bool):
+            raise ValueError(f"max_staleness: must be 0 or 1 (one step off; deeper pipelines are not "
+                             f"implemented), got {self.max_staleness}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class RLStageConfig(StageConfig):
     """Online RL (GRPO / CISPO / a custom loss). One step = one rollout batch of
@@ -100,6 +126,8 @@ class RLStageConfig(StageConfig):
     updates_per_batch: int = 1  # optimizer steps per rollout batch (> 1: off-policy, old log-probs kept)
     micro_size: int = 32  # sequences per learner micro-batch
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(kind="constant"))
+    # generate step t + 1 while the learner trains step t (needs `correction`); null: synchronous
+    async_rollout: Optional[AsyncRolloutConfig] = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -115,10 +143,18 @@ class RLStageConfig(StageConfig):
             (d.format == "rl", "data.format", f"must be 'rl' for an rl stage, got {d.format!r}"),
             (not d.pack, "data.pack", "only sft and dpo stages pack their data"),
             (not d.mix, "data.mix", "only sft stages mix data sources"),
+            (self.correction is not None or self.async_rollout is None or self.async_rollout.max_staleness == 0,
+             "correction", "async_rollout trains on samples of the previous step's weights: set a correction "
+             "(e.g. {mode: tis}) to weigh them by the IS ratio"),
         ]
         for ok, key, msg in checks:
             if not ok:
                 raise ValueError(f"{key}: {msg}")
+
+    def check_cluster(self, cluster: ClusterConfig) -> None:
+        if self.async_rollout is not None and cluster.use_gpus and cluster.placement == "colocated":
+            raise ValueError("async_rollout: needs cluster.placement split on GPUs (colocated workers share the "
+                             "learner's GPU, where generation cannot overlap training)")
 
 
 @dataclass(frozen=True)
@@ -165,30 +201,105 @@ def run_rl(ctx: StageContext, cfg: RLStageConfig, learners: Learners) -> dict[st
         ctx.logger.log(cfg.name, "eval", step, metrics)
         return metrics
 
+    # async_rollout: at most one batch is collected ahead, on this one thread, while the learner
+    # trains; nothing else uses the rollout workers (nor pushes weights) until it is collected.
+    ahead = steps_ahead(ctx, cfg)
+    pool = ThreadPoolExecutor(1, thread_name_prefix="rollout") if cfg.async_rollout is not None else None
+
+    def launch(step: int, overlapped: bool) -> "Future[tuple[list[Sample], dict[str, float]]]":
+        """Collect step `step`'s batch with the weights the workers hold now, on the pool's thread
+        (async) or here. An overlapped one may not re-sync lost workers itself (the learner is
+        mid-update): RolloutWorkerLost reaches `collect`, which does."""
+        def job() -> tuple[list[Sample], dict[str, float]]:
+            timer = PhaseTimer()
+            samples, m = collect_samples(ctx, cfg, step, prompts, train_records,
+                                         rollouts.generate if overlapped else generate, rewards, timer)
+            extra = {"async/generated_ahead": float(overlapped)} if pool is not None else {}
+            return samples, {**m, **timer.metrics(), **extra}
+        if pool is not None:
+            return pool.submit(job)
+        done: Future = Future()
+        done.set_result(job())
+        return done
+
+    def collect(pending: Future, step: int) -> tuple[list[Sample], dict[str, float]]:
+        from posttrain.cluster import RolloutWorkerLost
+
+        try:
+            samples, metrics = pending.result()
+        except RolloutWorkerLost as lost:  # during an overlapped generation: regenerate from this step's weights
+            ctx.console.print(f"[yellow]{lost}; pushing version {step} and generating step {step + 1} "
+                              f"again[/yellow]")
+            sync.push(step, workers=lost.replaced)
+            sync.push(step)
+            samples, metrics = launch(step, overlapped=False).result()
+        if cfg.async_rollout is not None and metrics["staleness"] > cfg.async_rollout.max_staleness:
+            raise RuntimeError(f"{cfg.name}: step {step + 1} sampled {metrics['staleness']:.0f} steps stale, over "
+                               f"async_rollout.max_staleness {cfg.async_rollout.max_staleness}")
+        return samples, metrics
+
     last: dict[str, Any] = {}
+    pending: Optional[Future] = None
     try:
         if start == 0 and eval_records:
             evaluate(0)
+        ctx.step_clock = time.perf_counter()  # step 1's time/step without the workers' start and eval 0
         with stage_progress(ctx.console, cfg.name, cfg.steps, start) as bar:
             for step in range(start, cfg.steps):
                 timer = PhaseTimer()
-                samples, metrics = collect_samples(ctx, cfg, step, prompts, train_records, generate, rewards, timer)
+                if pending is None:  # nothing generated ahead: generate now, from this step's weights
+                    pending = launch(step, overlapped=False)
+                with timer("wait_rollout"):
+                    samples, metrics = collect(pending, step)
+                pending = None
+                if ahead and generate_ahead(cfg, step + 1):
+                    with timer("sync"):  # the weights this step trains from sample the next batch
+                        if sync.version < step:
+                            metrics.update(sync.push(step))
+                    pending = launch(step + 1, overlapped=True)
                 if samples:
                     with timer("learner"):
                         metrics.update(learn(ctx, cfg, learners, reference, samples, objective, step))
-                    with timer("sync"):
-                        metrics.update(sync.push(step + 1))
                 else:  # every group had equal rewards in every round: nothing to learn from
                     ctx.console.print(f"[yellow]{cfg.name}: step {step + 1}: no informative group, no update[/yellow]")
+                if pending is None and (samples or pool is not None):
+                    with timer("sync"):
+                        metrics.update(sync.push(step + 1))
                 last = {**metrics, **timer.metrics(), "policy_version": float(sync.version)}
                 bar.advance(reward=last["reward/mean"], acc=last["accuracy"])
                 end_of_step(ctx, cfg, learners, step + 1, last, evaluate)
         final = evaluate(cfg.steps) if eval_records else {}
     finally:
         rollouts.shutdown()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
         if reference is not None:
             reference.shutdown()
     return finish_stage(ctx, learners, cfg, final, last)
+
+
+def steps_ahead(ctx: StageContext, cfg: RLStageConfig) -> int:
+    """How many batches are generated ahead of the learner: async_rollout.max_staleness, except
+    colocated on GPUs (use_gpus auto-detected; set explicitly it is a load-time error), where
+    the workers share the learner's GPU: there the stage says so and runs without overlap."""
+    a = cfg.async_rollout
+    if a is None or a.max_staleness == 0:
+        return 0
+    p = ctx.placement
+    if p is not None and p.gpus and p.mode == "colocated":
+        ctx.console.print(f"[yellow]{cfg.name}: async_rollout: colocated workers share the learners' GPUs, where "
+                          f"generation cannot overlap training: running without overlap (use cluster.placement "
+                          f"split)[/yellow]")
+        return 0
+    return a.max_staleness
+
+
+def generate_ahead(cfg: RLStageConfig, step: int) -> bool:
+    """Whether step `step`'s batch is generated during the step before it. Not the first step after
+    a checkpoint: a run resumed there holds only that step's weights, so both runs sample it
+    from them (one step per checkpoint interval without overlap keeps resume exact)."""
+    every = cfg.checkpoint.every
+    return step < cfg.steps and not (every and step % every == 0)
 
 
 # ------------------------------------------------------------------------------ phases
@@ -236,13 +347,15 @@ def collect_samples(ctx: StageContext, cfg: RLStageConfig, step: int, prompts: l
                     timer: PhaseTimer) -> tuple[list[Sample], dict[str, float]]:
     """Generate, score and filter until `prompts_per_step` informative groups are kept (or the
     extra rounds run out). Reward/accuracy metrics describe the first round (an unbiased draw
-    of the current policy); filter metrics describe all rounds."""
+    of the current policy); filter metrics describe all rounds. `staleness`: steps between this
+    step and the oldest policy version that sampled it; `sampled_tokens`: completion tokens of
+    every round."""
     flt = cfg.filters
     want = cfg.prompts_per_step
     rounds = 1 + (flt.max_extra_rounds if flt.dynamic_sampling else 0)
     kept: list[list[Sample]] = []
     metrics: dict[str, float] = {}
-    seen = 0
+    seen, sampled, oldest = 0, 0, step
     for rnd in range(rounds):
         # Round r of step t reads the prompt slice of "virtual step" t * rounds + r.
         idx = batch_indices(len(prompts), want, step * rounds + rnd, ctx.seed)
@@ -250,6 +363,8 @@ def collect_samples(ctx: StageContext, cfg: RLStageConfig, step: int, prompts: l
                                    seed=sampling_seed(ctx.seed, step, rnd))
         with timer("generate"):
             batch = generate([prompts[i] for i in idx], params)
+        sampled += sum(len(c.token_ids) for c in batch.completions)
+        oldest = min(oldest, batch.policy_version)
         with timer("reward"):
             groups, m = score_groups(ctx, cfg, batch.completions, [prompts[i] for i in idx],
                                      [records[i].answer for i in idx], rewards)
@@ -264,7 +379,8 @@ def collect_samples(ctx: StageContext, cfg: RLStageConfig, step: int, prompts: l
             break
     kept = kept[:want]
     metrics.update({"filter/rounds": float(rnd + 1), "filter/kept_groups": float(len(kept)),
-                    "filter/kept_frac_of_sampled": len(kept) / max(seen, 1)})
+                    "filter/kept_frac_of_sampled": len(kept) / max(seen, 1),
+                    "staleness": float(step - oldest), "sampled_tokens": float(sampled)})
     return [x for g in with_advantages(kept, cfg) for x in g], metrics
 
 
