@@ -207,3 +207,32 @@ def test_ranks_routing_to_different_experts_do_not_hang(z3, ray_local):
     done, _ = ray.wait(refs, num_returns=2, timeout=120)
     assert len(done) == 2, "a ZeRO-3 rank hung: its experts' gathers did not match the other rank's"
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in ray.get(refs))
+
+
+def test_next_stages_keep_the_weights_with_and_without_lora(z3, tmp_path):
+    """A new stage rebuilds the engine from the gathered weights: nothing moves; a LoRA stage
+    trains adapters whose saved form (gathered from the shards) merges, in peft itself, into
+    exactly the learner's merged view; the stage after it starts from that merged view."""
+    from peft import PeftModel
+
+    from posttrain.lora import LoRAConfig
+    from posttrain.models import build_model
+
+    before = z3.state_dict()
+    z3.configure(OPTIM, SCHED, LearnerConfig(zero_stage=3), 10, LoRAConfig(rank=4, alpha=8.0))
+    assert max_rel_diff(z3.state_dict(), before) == 0.0  # B = 0: the LoRA stage starts where we were
+    step(z3, examples(seed=4))
+    merged = z3.state_dict()
+    moved = {k for k in before if not torch.equal(merged[k], before[k])}
+    assert moved and all(k.endswith(("qkv_proj.weight", "output_gate.weight", "out_proj.weight", "q_proj.weight",
+                                     "k_proj.weight", "v_proj.weight", "o_proj.weight")) for k in moved)
+    z3.save_pretrained(str(tmp_path))
+    base = build_model(MODEL, **IDS)
+    base.load_state_dict(before)
+    base.config.model_type = "posttrain-hybrid"  # our experts stay linear layers (posttrain.lora)
+    theirs = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).merge_and_unload().state_dict()
+    assert max_rel_diff(theirs, merged) < 1e-6
+    z3.configure(OPTIM, SCHED, LearnerConfig(zero_stage=3), 10)  # a full fine-tuning stage after it
+    assert max_rel_diff(z3.state_dict(), merged) == 0.0
+    assert 0.4 < z3.call_rank0(local_share) < 0.6
+    step(z3, examples(seed=5))
