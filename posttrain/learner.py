@@ -255,6 +255,9 @@ class Learner:
             "zero_optimization": zero,
             "steps_per_print": 10**12,
             "wall_clock_breakdown": False,
+            # offload_optimizer steps our torch AdamW on the CPU copies (DeepSpeed refuses a client
+            # optimizer with offload unless told; its DeepSpeedCPUAdam would need a compiled op)
+            "zero_force_ds_cpu_optimizer": False,
         }
         dtype = self.model_cfg.dtype
         if dtype == "bfloat16":

@@ -8,7 +8,11 @@ One ZeRO-3 group serves the tests in file order:
 - after a ZeRO-3 step, the weight syncs (object store; process-group broadcast, with rank 1
   following rank 0's gathers) give a rollout worker the learner's weights and log-probs;
 - save_state / load_state (per-rank shards) resume exactly;
-- ranks whose tokens pick different experts do not hang (MoE blocks are ZeRO-3 leaf modules).
+- ranks whose tokens pick different experts do not hang (MoE blocks are ZeRO-3 leaf modules;
+  without them the gloo all-gathers mismatch and a rank crashes, on NCCL they would hang);
+- new stages (plain, LoRA, plain again) keep the weights; peft's own merge of the adapter
+  saved from the shards equals the learner's merged view;
+- with offload_param and offload_optimizer a step equals a plain PyTorch AdamW step.
 
 Tolerance of the ZeRO-3 == ZeRO-0 comparison: 1e-5 relative to each tensor's largest entry.
 Both run fp32 and the same AdamW with eps = 1 (so the update scales with the gradient, see
@@ -236,3 +240,28 @@ def test_next_stages_keep_the_weights_with_and_without_lora(z3, tmp_path):
     assert max_rel_diff(z3.state_dict(), merged) == 0.0
     assert 0.4 < z3.call_rank0(local_share) < 0.6
     step(z3, examples(seed=5))
+
+
+def test_offloaded_zero3_step_equals_plain_torch(z3):
+    """offload_param + offload_optimizer: one step from the group's current weights equals a
+    plain PyTorch AdamW step on the global-batch loss (a fresh optimizer: a new stage)."""
+    from posttrain.models import build_model
+
+    start = z3.state_dict()
+    z3.configure(OPTIM, SCHED, LearnerConfig(zero_stage=3, offload_param=True, offload_optimizer=True), 10)
+    exs = examples(seed=6)
+    step(z3, exs)
+    model = build_model(MODEL, **IDS)
+    model.load_state_dict(start)
+    model.train()
+    loss, _ = SFTObjective()(model, collate(exs, IDS["pad_token_id"]), StepCounts(tokens=sum(ex.n_trained for ex in exs)))
+    loss.backward()
+    torch.optim.AdamW(model.parameters(), lr=OPTIM.lr, betas=OPTIM.betas, eps=OPTIM.eps, weight_decay=0.0).step()
+    want = model.state_dict()
+    assert max_rel_diff(want, start) > 1e-3
+    assert max_rel_diff(z3.state_dict(), want) < TOL
+
+
+def test_offload_param_needs_zero3():
+    with pytest.raises(ValueError, match="offload_param: needs zero_stage 3"):
+        LearnerConfig(zero_stage=2, offload_param=True)
