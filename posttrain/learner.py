@@ -87,6 +87,9 @@ class LearnerConfig:
     def __post_init__(self) -> None:
         if not self.loss_chunk_size >= 1:
             raise ValueError(f"loss_chunk_size: must be >= 1, got {self.loss_chunk_size}")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer: needs zero_stage 1, 2 or 3 (ZeRO-Offload moves the sharded "
+                             "optimizer state), got zero_stage 0")
         if self.offload_param and self.zero_stage != 3:
             raise ValueError(f"offload_param: needs zero_stage 3 (only ZeRO-3 partitions parameters), "
                              f"got zero_stage {self.zero_stage}")

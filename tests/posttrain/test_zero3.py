@@ -262,6 +262,8 @@ def test_offloaded_zero3_step_equals_plain_torch(z3):
     assert max_rel_diff(z3.state_dict(), want) < TOL
 
 
-def test_offload_param_needs_zero3():
+def test_offload_needs_a_zero_stage():
     with pytest.raises(ValueError, match="offload_param: needs zero_stage 3"):
         LearnerConfig(zero_stage=2, offload_param=True)
+    with pytest.raises(ValueError, match="offload_optimizer: needs zero_stage 1, 2 or 3"):
+        LearnerConfig(offload_optimizer=True)
