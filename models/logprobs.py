@@ -89,7 +89,8 @@ def token_logprobs(
     (activation checkpointing). The head runs in fp32 when `model.config.posttrain_fp32_lm_head`
     is set (see posttrain.models.hybrid.lm_head_fp32); log-softmax is always fp32.
 
-    Under DeepSpeed ZeRO-3 the LM head weight must be gathered by the caller (we read it directly).
+    Under DeepSpeed ZeRO-3 the LM head weight must be gathered by the caller (we read it directly,
+    once, not per chunk): posttrain's learner does (posttrain.zero3.whole, docs/cluster.md).
     """
     if hidden.shape[:2] != targets.shape:
         raise ValueError(f"token_logprobs: hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} differ in [B, T]")

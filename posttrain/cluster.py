@@ -210,7 +210,12 @@ class LearnerLost(RuntimeError):
 class LearnerGroup:
     """`cluster.learners` DeepSpeed ranks, each a Ray actor holding a `Learner`, placed by
     `placement` (default: a placement of its own, removed at shutdown). role "reference": a
-    frozen policy sharing the learners' GPUs (one rank)."""
+    frozen policy sharing the learners' GPUs (one rank).
+
+    Under ZeRO-3 (`learner.zero_stage: 3`) a call on "rank 0" is made on every rank (the others
+    `follow`: they run the same function and answer nothing), because every forward and whole-
+    weight read gathers parameters collectively; calls are queued on each actor in the order
+    the driver makes them, so the ranks' gathers line up."""
 
     def __init__(self, cluster: ClusterConfig, model_cfg: ModelConfig, init_path: Optional[str],
                  *, token_ids: dict[str, Any], seed: int, placement: Optional[Placement] = None,
@@ -231,6 +236,8 @@ class LearnerGroup:
             for rank in range(world)
         ]
         self.world_size = world
+        self.gathers = False  # ZeRO-3 since the last configure: model calls run on every rank
+        self._followers: list[Any] = []  # refs of follower calls not yet checked
 
     def placements(self) -> list[dict[str, Any]]:
         """Each rank's Ray GPU ids, visible devices and bound device (rank order)."""
@@ -241,14 +248,16 @@ class LearnerGroup:
         would wait for it in a collective forever, so answers are checked as they come)."""
         import ray
 
-        pending = list(refs)
+        extra, self._followers = self._followers, []
+        pending = list(refs) + extra
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
             try:
                 ray.get(ready[0])
             except ray.exceptions.RayActorError as e:
-                rank = refs.index(ready[0]) if len(refs) == len(self.actors) else 0
-                raise LearnerLost(f"learner rank {rank} died ({type(e).__name__}); the stage stopped. Its last "
+                who = (f"rank {refs.index(ready[0])}" if ready[0] in refs and len(refs) == len(self.actors)
+                       else "rank 0" if ready[0] in refs else "a rank")
+                raise LearnerLost(f"learner {who} died ({type(e).__name__}); the stage stopped. Its last "
                                   f"complete state is kept: run again with --resume to continue from it") from None
         return ray.get(list(refs))
 
@@ -258,6 +267,7 @@ class LearnerGroup:
     def configure(self, optim: Any, schedule: Any, learner: Any, total_steps: int, lora: Any = None,
                   adapter: Optional[str] = None) -> None:
         self._all("configure", optim, schedule, learner, total_steps, lora, adapter)
+        self.gathers = learner.zero_stage == 3
 
     def train_step(self, objective: Objective, per_rank: list[list[Any]], counts: StepCounts) -> dict[str, float]:
         import ray
@@ -270,23 +280,34 @@ class LearnerGroup:
         return self._get([a.evaluate.remote(objective, mb, counts) for a, mb in zip(self.actors, per_rank)])[0]
 
     def call_rank0(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """fn(rank 0's model, *args) on the learner: generation, old / reference log-probs."""
-        import ray
-
-        return self._get([self.actors[0].call.remote(fn, *args)])[0]
+        """fn(rank 0's model, *args) on the learner: generation, old / reference log-probs
+        (under ZeRO-3 every rank runs it; rank 0 answers)."""
+        return self._get([self.call_rank0_async(fn, *args)])[0]
 
     def call_rank0_async(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Like call_rank0 but returns the ObjectRef: the result stays in the object store
         (weight buckets go learner -> rollout workers without passing through the driver)."""
+        ref = self.actors[0].call.remote(fn, *args)
+        if self.gathers:
+            self._followers += [a.follow.remote(fn, *args) for a in self.actors[1:]]
+        return ref
+
+    def call_rank0_alone_async(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn on rank 0 only, also under ZeRO-3: for calls that read no parameters (joining a
+        process group as its rank 0)."""
         return self.actors[0].call.remote(fn, *args)
 
     def call_rank_async(self, rank: int, fn: Callable[..., Any], *args: Any) -> Any:
-        """fn(rank `rank`'s model, *args) as an ObjectRef (CUDA IPC handles of a colocated rank)."""
+        """fn(rank `rank`'s model, *args) as an ObjectRef (CUDA IPC handles of a colocated rank).
+        Under ZeRO-3 the caller makes the same call on every rank before waiting on any."""
         return self.actors[rank].call.remote(fn, *args)
 
     def state_dict(self) -> dict:
+        """Rank 0's full weights (under ZeRO-3 every rank gathers them with it)."""
         import ray
 
+        if self.gathers:
+            return self._all("state_dict")[0]
         return ray.get(self.actors[0].state_dict.remote())
 
     def save_pretrained(self, out_dir: str) -> None:

@@ -31,6 +31,7 @@ from posttrain.faults import kill_point
 from posttrain.lora import LoRAConfig, apply_lora, merged_state
 from posttrain.models import ModelConfig, eval_mode
 from posttrain.objectives.common import Objective, StepCounts
+from posttrain.zero3 import gathers_whole_model, head_parameters, set_moe_leaves, whole
 
 
 @dataclass(frozen=True)
@@ -79,12 +80,19 @@ class LearnerConfig:
 
     zero_stage: Literal[0, 1, 2, 3] = 0  # ZeRO stage (optimizer / gradient / parameter sharding)
     offload_optimizer: bool = False  # optimizer state in CPU memory
+    offload_param: bool = False  # ZeRO-3 only: each rank's parameter slices in CPU memory between uses
     loss_chunk_size: int = 1024  # tokens per chunk of the LM-head cross-entropy (bounds logits memory)
     gradient_checkpointing: Optional[bool] = None  # recompute layer activations; null: model.gradient_checkpointing
 
     def __post_init__(self) -> None:
         if not self.loss_chunk_size >= 1:
             raise ValueError(f"loss_chunk_size: must be >= 1, got {self.loss_chunk_size}")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer: needs zero_stage 1, 2 or 3 (ZeRO-Offload moves the sharded "
+                             "optimizer state), got zero_stage 0")
+        if self.offload_param and self.zero_stage != 3:
+            raise ValueError(f"offload_param: needs zero_stage 3 (only ZeRO-3 partitions parameters), "
+                             f"got zero_stage {self.zero_stage}")
 
 
 class Learners(Protocol):
@@ -220,13 +228,17 @@ class Learner:
 
         from posttrain.models import set_gradient_checkpointing
 
-        if self.engine is not None:  # a new stage: keep the weights, drop optimizer state
+        if self.engine is not None and self.zero3:  # a new stage: whole (merged) weights, no ZeRO-3 hooks
+            self.model, self.peft = self._consolidated(), None
+        elif self.engine is not None:  # a new stage: keep the weights, drop optimizer state
             self.model = self.engine.module
         if self.peft is not None:  # a new stage after a LoRA one starts from the merged weights
             self.model, self.peft = self.peft.merge_and_unload(), None
         if lora is not None:
             self.peft = apply_lora(self.model, lora, adapter)
             self.model = self.peft.get_base_model()
+        if learner.zero_stage == 3:  # before initialize: DeepSpeed installs its hooks there
+            set_moe_leaves(self.model)
         self.model.train()
         if learner.gradient_checkpointing is not None:  # per-stage memory knob (long context)
             set_gradient_checkpointing(self.model, learner.gradient_checkpointing)
@@ -237,6 +249,8 @@ class Learner:
         zero: dict[str, Any] = {"stage": learner.zero_stage}
         if learner.offload_optimizer:
             zero["offload_optimizer"] = {"device": "cpu"}
+        if learner.offload_param:
+            zero["offload_param"] = {"device": "cpu"}
         ds_cfg = {
             # DeepSpeed insists on a batch geometry; we drive accumulation boundaries
             # ourselves (set_gradient_accumulation_boundary), so these are nominal.
@@ -247,6 +261,9 @@ class Learner:
             "zero_optimization": zero,
             "steps_per_print": 10**12,
             "wall_clock_breakdown": False,
+            # offload_optimizer steps our torch AdamW on the CPU copies (DeepSpeed refuses a client
+            # optimizer with offload unless told; its DeepSpeedCPUAdam would need a compiled op)
+            "zero_force_ds_cpu_optimizer": False,
         }
         dtype = self.model_cfg.dtype
         if dtype == "bfloat16":
@@ -272,10 +289,15 @@ class Learner:
         kill_point("learner", self.step + 1)  # fault tests: this rank dies before the step
         totals: dict[str, float] = {}
         n = len(micro_batches)
+        zero_opt = eng.zero_optimization_stage() > 0
         for i, micro in enumerate(micro_batches):
             eng.set_gradient_accumulation_boundary(i == n - 1)
-            loss, metrics = objective(eng.module, to_device(micro, self.device), counts)
-            eng.backward(loss * self.dist.world_size, scale_wrt_gas=False)
+            if zero_opt:  # what engine.forward does first (we call the module itself): without
+                # it ZeRO-3 counts every micro-batch as the first and overwrites the gradients
+                eng.optimizer.clear_backward_seen_flag()
+            with whole(head_parameters(eng.module)):  # ZeRO-3: the log-prob path reads the head weight
+                loss, metrics = objective(eng.module, to_device(micro, self.device), counts)
+                eng.backward(loss * self.dist.world_size, scale_wrt_gas=False)
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
         # ZeRO >= 1 reports the (pre-clipping) norm from its optimizer; plain fp32 DeepSpeed
@@ -296,7 +318,7 @@ class Learner:
     def evaluate(self, objective: Objective, micro_batches: list[Any], counts: StepCounts) -> dict[str, float]:
         """Sum an objective's metrics over micro-batches without updating anything."""
         totals: dict[str, float] = {}
-        with eval_mode(self.module):
+        with eval_mode(self.module), whole(head_parameters(self.module)):
             for micro in micro_batches:
                 _, metrics = objective(self.module, to_device(micro, self.device), counts)
                 for k, v in metrics.items():
@@ -304,12 +326,36 @@ class Learner:
         return _all_reduce_sum(totals)
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run `fn(model, *args)` on this rank's model (e.g. generation for eval)."""
-        return fn(self.module, *args)
+        """Run `fn(model, *args)` on this rank's model (e.g. generation for eval). Under ZeRO-3
+        every rank must make the same call (`follow` on all but one): the whole model is gathered
+        for it (or, for `own_gathers` functions, each tensor they read; posttrain.zero3)."""
+        model = self.module
+        with whole(model.parameters() if gathers_whole_model(fn) else ()):
+            return fn(model, *args)
+
+    def follow(self, fn: Callable[..., Any], *args: Any) -> None:
+        """ZeRO-3: take part in a `call` another rank answers (the same gathers), answering nothing."""
+        self.call(fn, *args)
 
     @property
     def module(self) -> torch.nn.Module:
         return self.engine.module if self.engine is not None else self.model
+
+    @property
+    def zero3(self) -> bool:
+        """Whether the engine partitions the parameters (ZeRO-3): whole-weight reads gather."""
+        return self.engine is not None and self.engine.zero_optimization_partition_weights()
+
+    def _consolidated(self) -> torch.nn.Module:
+        """A plain copy of the ZeRO-3 model (adapters merged) for the next stage's engine: a new
+        engine cannot take over modules that carry the previous one's hooks and partitions."""
+        state = self.state_dict()  # every rank gathers
+        base = self.module
+        plain = type(base)(base.config)
+        plain.load_state_dict(state)  # into the class's default dtype: the engine casts (bf16/fp16 config)
+        self.engine.destroy()
+        self.engine = None
+        return plain.to(self.device)
 
     def placement(self) -> dict[str, Any]:
         """Where this rank runs (tests and logs): see placement_info."""
@@ -317,20 +363,39 @@ class Learner:
 
     # ------------------------------------------------------------ weights
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Full weights on CPU (ZeRO 0-2 keep full parameters on every rank), under a plain
-        checkpoint's names; LoRA adapters merged (posttrain.lora.merged_state)."""
+        """Full weights on CPU under a plain checkpoint's names; LoRA adapters merged
+        (posttrain.lora.merged_state). ZeRO 0-2 keep full parameters on every rank; under ZeRO-3
+        each tensor is gathered in turn, so every rank must call this."""
         return {k: t.get().to("cpu", copy=True) for k, t in merged_state(self.module).items()}
 
     def save_pretrained(self, out_dir: str) -> None:
         """Rank 0 writes a Hugging Face checkpoint (safetensors) into `out_dir`; with LoRA the
-        merged weights there and the adapter (PEFT format) in `out_dir/adapter`."""
+        merged weights there and the adapter (PEFT format) in `out_dir/adapter`. Under ZeRO-3
+        every rank takes part (the weights are gathered tensor by tensor)."""
+        if self.zero3:
+            state, adapter = self.state_dict(), self._adapter_state()
+        elif self.dist.rank != 0:
+            return
+        else:
+            state = None if self.peft is None else self.state_dict()
+            adapter = None
         if self.dist.rank != 0:
             return
+        self.module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+        if self.peft is not None:
+            self.peft.save_pretrained(str(Path(out_dir, "adapter")), safe_serialization=True, state_dict=adapter)
+
+    def _adapter_state(self) -> Optional[dict[str, torch.Tensor]]:
+        """ZeRO-3 with LoRA: the trainable tensors (adapters, fully trained modules) of the peft
+        model, gathered, under peft's names (what its save_pretrained picks the adapter from)."""
         if self.peft is None:
-            self.module.save_pretrained(out_dir, safe_serialization=True)
-            return
-        self.module.save_pretrained(out_dir, state_dict=self.state_dict(), safe_serialization=True)
-        self.peft.save_pretrained(str(Path(out_dir, "adapter")), safe_serialization=True)
+            return None
+        out = {}
+        for k, p in self.peft.state_dict(keep_vars=True).items():
+            if p.requires_grad:
+                with whole([p]):
+                    out[k] = p.detach().to("cpu", copy=True)
+        return out
 
     # ------------------------------------------------------- training state
     def save_state(self, state_dir: str, extra: dict[str, Any]) -> None:

@@ -30,6 +30,8 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 import torch
 from torch import nn
 
+from posttrain.zero3 import own_gathers
+
 # Attention projections of our hybrid (lightning: qkv_proj, output_gate, out_proj; softmax:
 # q/k/v/o_proj) and of most Hugging Face decoders (q/k/v/o_proj, fused qkv_proj); `targets: null`
 # adapts those the model has.
@@ -188,10 +190,13 @@ def _experts_as_linear_layers(model: nn.Module) -> Iterator[None]:
         del model.config.model_type
 
 
+@own_gathers
 def parameter_counts(model: nn.Module) -> dict[str, float]:
     """Trainable parameters, all parameters the learner holds (base + adapters) and the share."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    from posttrain.zero3 import numel
+
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(numel(p) for p in model.parameters())
     return {"trainable": float(trainable), "total": float(total), "trainable_share": trainable / max(total, 1)}
 
 
@@ -205,8 +210,10 @@ def _adapter_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 @dataclass(frozen=True)
 class MergedTensor:
-    """One tensor of the merged view: `like` has its shape and dtype (for bucketing); `get()`
-    computes it (detached, on the model's device)."""
+    """One tensor of the merged view: `like` has its shape and dtype (for bucketing; a meta
+    tensor under ZeRO-3); `get()` computes it (detached, on the model's device). Under ZeRO-3
+    `get()` gathers what it reads (posttrain.zero3.whole): every rank must call it, in the same
+    order, and it returns a copy."""
 
     like: torch.Tensor
     get: Callable[[], torch.Tensor]
@@ -218,29 +225,45 @@ def merged_state(model: nn.Module) -> dict[str, MergedTensor]:
     docstring). For a model without adapters: its state dict, every tensor `changing`."""
     from peft.tuners.lora import LoraLayer
 
+    from posttrain.zero3 import full_like
+
     state = model.state_dict(keep_vars=True)
     layers = _adapter_layers(model)
     if not layers:
-        return {k: MergedTensor(v, v.detach, True) for k, v in state.items()}
+        return {k: MergedTensor(full_like(v), _reader(v), True) for k, v in state.items()}
     out: dict[str, MergedTensor] = {}
     for key, value in state.items():
         owner = _owner(key, layers)
         if owner is None:
-            out[key] = MergedTensor(value, value.detach, False)
+            out[key] = MergedTensor(full_like(value), _reader(value), False)
             continue
         layer, rest = layers[owner], key[len(owner) + 1:]
         if isinstance(layer, LoraLayer):
             if rest.startswith("base_layer."):
                 name = rest[len("base_layer."):]
-                get = (lambda layer=layer, w=value: _merged_weight(layer, w)) if name == "weight" else value.detach
-                out[f"{owner}.{name}"] = MergedTensor(value, get, name == "weight")
+                get = (lambda layer=layer, w=value: _merged_weight(layer, w)) if name == "weight" else _reader(value)
+                out[f"{owner}.{name}"] = MergedTensor(full_like(value), get, name == "weight")
         else:  # ModulesToSaveWrapper: the active copy under the original name
             prefix = f"modules_to_save.{layer.active_adapters[0]}."
             if rest.startswith(prefix) and not layer.disable_adapters:
-                out[f"{owner}.{rest[len(prefix):]}"] = MergedTensor(value, value.detach, True)
+                out[f"{owner}.{rest[len(prefix):]}"] = MergedTensor(full_like(value), _reader(value), True)
             elif rest.startswith("original_module.") and layer.disable_adapters:
-                out[f"{owner}.{rest[len('original_module.'):]}"] = MergedTensor(value, value.detach, True)
+                out[f"{owner}.{rest[len('original_module.'):]}"] = MergedTensor(full_like(value), _reader(value), True)
     return out
+
+
+def _reader(value: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """`value.detach`, or under ZeRO-3 a copy of the gathered parameter."""
+    from posttrain.zero3 import is_partitioned, whole
+
+    if not is_partitioned(value):
+        return value.detach
+
+    def get() -> torch.Tensor:
+        with whole([value]):
+            return value.detach().clone()
+
+    return get
 
 
 def _owner(key: str, layers: Mapping[str, nn.Module]) -> Optional[str]:
@@ -254,14 +277,18 @@ def _owner(key: str, layers: Mapping[str, nn.Module]) -> Optional[str]:
 
 @torch.no_grad()
 def _merged_weight(layer: Any, weight: torch.Tensor) -> torch.Tensor:
-    """W + the active adapters' deltas (peft's get_delta_weight: scaling * B A), out of place."""
+    """W + the active adapters' deltas (peft's get_delta_weight: scaling * B A), out of place;
+    under ZeRO-3 with the layer's parameters (W, A, B) gathered for the computation."""
+    from posttrain.zero3 import whole
+
     if layer.merged:
         raise RuntimeError("merged_state: adapters merged in place are not supported")
-    out = weight.detach().clone()
-    if not layer.disable_adapters:
-        for name in layer.active_adapters:
-            if name in layer.lora_A or name in getattr(layer, "lora_embedding_A", {}):
-                out += layer.get_delta_weight(name).to(out.dtype)
+    with whole(layer.parameters()):
+        out = weight.detach().clone()
+        if not layer.disable_adapters:
+            for name in layer.active_adapters:
+                if name in layer.lora_A or name in getattr(layer, "lora_embedding_A", {}):
+                    out += layer.get_delta_weight(name).to(out.dtype)
     return out
 
 

@@ -28,6 +28,8 @@ from typing import Any, Iterator, Optional, Protocol, Sequence
 
 import torch
 
+from posttrain.zero3 import own_gathers
+
 # Process groups of the weight syncs in this process (learner rank 0 or a rollout worker),
 # by name: created by join_weight_group, used by later pushes, replaced when the workers change.
 _GROUPS: dict[str, Any] = {}
@@ -43,6 +45,7 @@ class WeightSync(Protocol):
 
 
 # ------------------------------------------------ run on learner rank 0 (module level for Ray)
+@own_gathers
 def bucket_plan(model: torch.nn.Module, bucket_bytes: int, changing_only: bool = False) -> list[list[str]]:
     """Names of the model's weights (a plain checkpoint's names; LoRA adapters merged, see
     posttrain.lora.merged_state) grouped into buckets of at most `bucket_bytes` (a larger tensor
@@ -55,6 +58,7 @@ def bucket_plan(model: torch.nn.Module, bucket_bytes: int, changing_only: bool =
     return [[name for name, _ in b] for b in weight_buckets(items, bucket_bytes)]
 
 
+@own_gathers
 def weight_bucket(model: torch.nn.Module, names: list[str]) -> list[tuple[str, torch.Tensor]]:
     """(name, CPU copy) of the listed tensors (adapters merged): one bucket of a sync."""
     from posttrain.lora import merged_tensors
@@ -110,6 +114,7 @@ def make_weight_sync(cluster: Any, placement: Any, learners: Any, rollouts: Any,
 
 
 # ------------------------------------------------------------------- flattening buckets
+@own_gathers
 def flat_plan(model: torch.nn.Module, bucket_bytes: int) -> list[list[tuple[str, list[int], str]]]:
     """Buckets of (name, shape, dtype) of the weights the engine holds (adapters merged), at most
     `bucket_bytes` each."""
@@ -159,6 +164,7 @@ def _sizes(bucket: list[tuple[str, list[int], str]]) -> dict[str, int]:
 
 
 # --------------------------------------------------- process-group broadcast (split mode)
+@own_gathers
 def join_weight_group(model: Any, name: str, addr: str, port: int, rank: int, world: int) -> None:
     """Join (or re-join) weight group `name`: rank 0 is learner rank 0, ranks 1.. the rollout
     workers. Its own store and communicator, beside DeepSpeed's default group; NCCL on CUDA,
@@ -185,11 +191,19 @@ def _broadcast(name: str, flat: dict[str, torch.Tensor]) -> None:
         group.broadcast([flat[dtype]], opts).wait()
 
 
+@own_gathers
 def broadcast_send(model: torch.nn.Module, name: str, plan: list[list[tuple[str, list[int], str]]]) -> int:
-    """On learner rank 0: broadcast every bucket of the plan; returns bytes sent."""
+    """On learner rank 0: broadcast every bucket of the plan; returns bytes sent. The other
+    learner ranks run it under ZeRO-3 (LearnerGroup's followers): they gather each bucket with
+    rank 0 and send nothing."""
+    import torch.distributed as tdist
+
+    follower = tdist.is_initialized() and tdist.get_rank() != 0
     sent = 0
     for bucket in plan:
         flat = flatten(_on_device(model, bucket))
+        if follower:
+            continue
         _broadcast(name, flat)
         sent += sum(t.numel() * t.element_size() for t in flat.values())
     return sent
@@ -206,6 +220,7 @@ def broadcast_receive(model: torch.nn.Module, name: str, plan: list[list[tuple[s
         yield from unflatten(bucket, flat)
 
 
+@own_gathers
 def _node_address(model: Any) -> tuple[str, int]:
     from posttrain.cluster import _node_address as here
 
@@ -245,7 +260,7 @@ class BroadcastWeightSync(_FlatBucketSync):
 
         addr, port = self.learners.call_rank0(_node_address)
         world = 1 + len(self.rollouts)
-        refs = [self.learners.call_rank0_async(join_weight_group, self._name, addr, port, 0, world)]
+        refs = [self.learners.call_rank0_alone_async(join_weight_group, self._name, addr, port, 0, world)]
         refs += [a.call.remote(join_weight_group, self._name, addr, port, 1 + i, world)
                  for i, a in enumerate(self.rollouts.actors)]
         ray.get(refs)
@@ -270,6 +285,7 @@ class BroadcastWeightSync(_FlatBucketSync):
 _KEEP: list[Any] = []  # the learner's flattened buckets, alive until the workers copied them
 
 
+@own_gathers
 def ipc_handles(model: torch.nn.Module, bucket: list[tuple[str, list[int], str]]) -> dict[str, Any]:
     """On a learner rank: the bucket flattened on its GPU, as CUDA IPC handles (one per dtype)
     that a process on the same GPU can map without a copy."""
@@ -280,6 +296,7 @@ def ipc_handles(model: torch.nn.Module, bucket: list[tuple[str, list[int], str]]
     return {d: reduce_tensor(t) for d, t in flat.items()}
 
 
+@own_gathers
 def release_ipc(model: Any) -> None:
     _KEEP.clear()
     if torch.cuda.is_available():
@@ -297,7 +314,8 @@ def ipc_receive(model: torch.nn.Module, plan: list[list[tuple[str, list[int], st
 
 class CudaIpcWeightSync(_FlatBucketSync):
     """Worker i copies from learner rank (i mod learners) on the same GPU through CUDA IPC
-    handles (ZeRO 0-2 keep full parameters on every rank). See the module docstring."""
+    handles (ZeRO 0-2 keep full parameters on every rank; under ZeRO-3 every rank gathers each
+    bucket). See the module docstring."""
 
     def push(self, version: int, workers: Optional[Sequence[int]] = None) -> dict[str, float]:
         import ray
@@ -306,7 +324,11 @@ class CudaIpcWeightSync(_FlatBucketSync):
         self._plan_for(version)
         idx = list(range(len(self.rollouts))) if workers is None else list(workers)
         ranks = sorted({i % self.learners.world_size for i in idx})
-        handles = {r: ray.get([self.learners.call_rank_async(r, ipc_handles, b) for b in self._plan]) for r in ranks}
+        if self.learners.gathers:  # ZeRO-3: every rank gathers each bucket, whether a worker reads it or not
+            ranks = list(range(self.learners.world_size))
+        # every rank's calls are queued before any answer is awaited: under ZeRO-3 they gather together
+        refs = {r: [self.learners.call_rank_async(r, ipc_handles, b) for b in self._plan] for r in ranks}
+        handles = {r: ray.get(refs[r]) for r in ranks}
         try:
             ray.get([self.rollouts.actors[i].load_with.remote(
                 ipc_receive, version, self._plan, handles[i % self.learners.world_size]) for i in idx])
