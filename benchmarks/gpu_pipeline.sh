@@ -7,6 +7,7 @@
 # Parts:
 #   gputests  the GPU tests: placement + CUDA IPC / NCCL syncs, multi-rank learners (NCCL)
 #   lora      benchmarks/lora_vs_full.py (peak memory and step time, LoRA vs full)
+#   vs_trl    benchmarks/vs_trl.py --device cuda (VS_TRL_ARGS: e.g. --stages cispo grpo --budget 150)
 #   RECIPE    `posttrain run RECIPE` (a shipped name: gpu, gpu_split, ...): summary + metrics
 set -o pipefail
 OUT=${OUT:-$PWD/gpu_out}; mkdir -p "$OUT"
@@ -30,6 +31,10 @@ for part in "$@"; do
     gputests)
       (cd /tmp/gt && timeout 300 python3 -m pytest -q -p no:cacheprovider --import-mode=importlib --rootdir /tmp/gt \
         --durations=0 ${GPUTESTS:-tp/test_gpu_placement.py tp/test_learner.py} 2>&1 | tee "$OUT/gputests.log" | tail -30) ;;
+    vs_trl)  # benchmarks/vs_trl.py on CUDA; runs and checkpoints stay in /tmp, the table comes back
+      (cd /tmp && timeout ${VS_TRL_TIMEOUT:-420} python3 "$REPO/benchmarks/vs_trl.py" --device cuda ${VS_TRL_ARGS:-} \
+        --out /tmp/vs_trl 2>&1 | grep --line-buffered -v Warning | tee "$OUT/vs_trl.log" | tail -30)
+      cp /tmp/vs_trl/vs_trl.json /tmp/vs_trl/vs_trl.png "$OUT/" 2>/dev/null ;;
     lora)
       (cd /tmp && timeout 300 python3 "$REPO/benchmarks/lora_vs_full.py" ${LORA_ARGS:-} 2>&1 | grep --line-buffered -v Warning \
         | tee "$OUT/lora.log" | tail -20) ;;
