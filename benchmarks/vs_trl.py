@@ -283,6 +283,9 @@ def run_process(cmd: list[str], cwd: Path, log: Path, cuda: bool, timeout: float
     """Run `cmd` from `cwd` (never the repo root: it would shadow the installed package inside
     Ray workers), output to `log`; (exit code, wall seconds, memory peaks)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_DEDUP_LOGS": "0"}
+    if cuda:  # one GPU per side, whatever the machine has (TRL refuses several GPUs in one process:
+        # it would wrap the model in nn.DataParallel; found on a 2-GPU H200 machine)
+        env["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
     t0 = time.perf_counter()
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, env=env)

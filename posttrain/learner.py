@@ -186,9 +186,11 @@ def placement_info(device: Any) -> dict[str, Any]:
     return {"gpu_ids": sorted(str(g) for g in ray.get_gpu_ids()), "device": str(device),
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "node_id": ctx.get_node_id(),
             "local_rank": os.environ.get("LOCAL_RANK"),
-            # what this process's CUDA caching allocator holds on the device (GPU only)
-            "cuda_reserved_mib": (torch.cuda.memory_reserved(device) / 2**20
-                                  if torch.device(device).type == "cuda" else None)}
+            # what this process's CUDA caching allocator holds on the device, and how much of
+            # it live tensors use (GPU only)
+            **({"cuda_reserved_mib": torch.cuda.memory_reserved(device) / 2**20,
+                "cuda_allocated_mib": torch.cuda.memory_allocated(device) / 2**20}
+               if torch.device(device).type == "cuda" else {})}
 
 
 class Learner:

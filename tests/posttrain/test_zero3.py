@@ -85,8 +85,11 @@ def local_share(model: torch.nn.Module) -> float:
 
 
 def logits_of(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Logits on the CPU, computed on the model's device (a GPU learner's ids must move there:
+    found on two H200s, where CPU ids met cuda:0 weights in the embedding)."""
+    device = next(model.parameters()).device
     with torch.no_grad():
-        return model(ids).logits.float().cpu()
+        return model(ids.to(device)).logits.float().cpu()
 
 
 @pytest.fixture(scope="module")
