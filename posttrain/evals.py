@@ -30,9 +30,6 @@ class EvalConfig:
     every: int = 0  # optimizer steps between evals; 0: only before the first and after the last step
     max_new_tokens: int = 16  # greedy decoding budget per eval prompt
     limit: Optional[int] = None  # evaluate the first N eval rows (needle: N spread over the cells)
-    # prompts decoded together (the engine's slots / batch rows); more means fewer, larger
-    # forwards (a tiny CPU model: all at once), less bounds the KV memory of a large model
-    max_batch: int = 64
 
     def __post_init__(self) -> None:
         if not self.every >= 0:
@@ -41,21 +38,18 @@ class EvalConfig:
             raise ValueError(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
         if self.limit is not None and not self.limit >= 1:
             raise ValueError(f"limit: must be null or >= 1, got {self.limit}")
-        if not self.max_batch >= 1:
-            raise ValueError(f"max_batch: must be >= 1, got {self.max_batch}")
 
 
 def greedy_hits(ctx: Any, learners: Any, records: Sequence[Any], check: Callable[[str, str], bool],
-                max_new_tokens: int, max_batch: int = 64) -> list[bool]:
-    """Greedy-decode each record's prompt on learner rank 0 (max_batch prompts at a time);
-    hit = check(decoded text, answer)."""
+                max_new_tokens: int) -> list[bool]:
+    """Greedy-decode each record's prompt on learner rank 0; hit = check(decoded text, answer)."""
     from posttrain.data import encode_prompt
-    from posttrain.rollout import RolloutConfig, SamplingParams, generate_on_model
+    from posttrain.rollout import SamplingParams, generate_on_model
 
     prompts = [encode_prompt(r, ctx.tokenizer) for r in records]
     greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens,
                             stop_token_ids=(ctx.tokenizer.eos_token_id,))
-    outs = learners.call_rank0(generate_on_model, prompts, greedy, RolloutConfig(max_slots=max_batch))
+    outs = learners.call_rank0(generate_on_model, prompts, greedy)
     return [bool(check(ctx.tokenizer.decode(ids, skip_special_tokens=True), _reference(r)))
             for r, ids in zip(records, outs)]
 
@@ -78,7 +72,7 @@ def held_out_eval(ctx: Any, learners: Any, records: Sequence[Any], task: Optiona
     if has_cells(records):
         return needle_eval(ctx, learners, records, task, cfg, stage=stage, step=step)
     records = records[: cfg.limit] if cfg.limit else records
-    hits = greedy_hits(ctx, learners, records, answer_check(task), cfg.max_new_tokens, cfg.max_batch)
+    hits = greedy_hits(ctx, learners, records, answer_check(task), cfg.max_new_tokens)
     return {"accuracy": sum(hits) / len(hits), "n": len(hits)}
 
 
@@ -115,7 +109,7 @@ def needle_eval(ctx: Any, learners: Any, records: Sequence[Any], task: Optional[
         raise ValueError(f"{stage}: needle eval needs `length` and `depth` on every eval row")
     if cfg.limit:
         records = per_cell_limit(records, cfg.limit)
-    hits = greedy_hits(ctx, learners, records, answer_check(task), cfg.max_new_tokens, cfg.max_batch)
+    hits = greedy_hits(ctx, learners, records, answer_check(task), cfg.max_new_tokens)
     cells = cell_accuracy([r.meta["length"] for r in records], [r.meta["depth"] for r in records], hits)
     accuracy = sum(hits) / len(hits)
     plot = plot_cells(cells, ctx.run_dir / "plots" / f"{stage}_needle_step{step}.png",

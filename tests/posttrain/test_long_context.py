@@ -270,9 +270,6 @@ def test_held_out_eval_scores_cells_for_needle_rows_and_plain_accuracy_otherwise
     cfg = EvalConfig(every=0, max_new_tokens=3)
     m = held_out_eval(ctx, RankZero, rows, None, cfg, stage="rl", step=7)
     assert m["accuracy"] == 0.5 and m["n"] == 8
-    for batch in (1, 3, 100):  # how many prompts decode together changes no greedy answer
-        assert held_out_eval(ctx, RankZero, rows, None, dataclasses.replace(cfg, max_batch=batch), stage="rl",
-                             step=7)["accuracy"] == 0.5
     assert [(c["length"], c["depth"], c["accuracy"], c["n"]) for c in m["needle"]["cells"]] == [
         (40, 0.0, 0.5, 2), (40, 1.0, 0.5, 2), (96, 0.0, 0.5, 2), (96, 1.0, 0.5, 2)]
     assert m["needle"]["plot"].endswith("rl_needle_step7.png")
