@@ -3,8 +3,8 @@
 An RL micro-batch holds G samples of each prompt: rows `prompt + completion`, right-padded,
 the targets on the completion only. A plain forward runs every row's prompt again (on the
 demo's retrieval task ~200 prompt tokens for 1-4 completion tokens, so ~98% of the learner's
-work is the same prompts G times over). Here each distinct prefix runs once, left-padded (as
-the native engine prefills, posttrain.models.decode), and returns its per-layer states:
+work is the same prompts G times over). Here each distinct prefix runs once (the prefixes
+packed into one row, as a packed SFT row), and returns its per-layer states:
 lightning layers their final state, softmax layers their keys and values. Every row then runs
 only its own tokens after the prefix, starting from its prefix's states (gathered, so the
 gradient of a prefix is the sum over the rows that share it, as in the full forward).
@@ -24,6 +24,7 @@ import torch
 
 from posttrain.models.hybrid import LINEAR, HybridForCausalLM, rope_cos_sin
 from posttrain.models.lightning import lightning_attention
+from posttrain.models.varlen import cu_seqlens_from_lengths
 
 __all__ = ["SharedPrefixPlan", "plan_shared_prefixes", "shared_prefix_hidden"]
 
@@ -87,21 +88,24 @@ def shared_prefix_hidden(model: HybridForCausalLM, input_ids: torch.Tensor, plan
     p_len = torch.tensor(plan.prefix_len, device=device)
     lengths = torch.tensor(plan.lengths, device=device)
 
-    # 1. distinct prefixes, left-padded: lightning states stay zero on the padding
+    # 1. distinct prefixes packed into one row (documents isolated by cu_seqlens): the linear
+    #    layers and experts see only real tokens; keys and values are then laid out per prefix
     P = [plan.prefix_len[b] for b in plan.prefixes]
-    longest = max(P)
-    U = len(P)
-    pre = torch.zeros(U, longest, dtype=torch.long, device=device)
-    for u, (b, n) in enumerate(zip(plan.prefixes, P)):
-        pre[u, longest - n:] = input_ids[b, :n]
-    pads = torch.tensor([longest - n for n in P], device=device)[:, None]  # [U, 1]
+    longest, U = max(P), len(P)
+    cu = cu_seqlens_from_lengths(P, device=device)
+    packed = torch.cat([input_ids[b, :n] for b, n in zip(plan.prefixes, P)])[None]
+    out = base(packed, cu_seqlens=cu, return_states=True)
+    h_last = out.hidden[0, (cu[1:] - 1).long()][group]  # [B, D] hidden at each row's prefix end
     t = torch.arange(longest, device=device)[None, :]
-    pre_mask = (t >= pads).long()  # [U, longest]
-    out = base(pre, attention_mask=pre_mask, position_ids=(t - pads).clamp(min=0), return_states=True)
-    h_last = out.hidden[:, -1][group]  # [B, D] hidden at each row's prefix end
+    lengths_p = torch.tensor(P, device=device)[:, None]
+    pre_mask = t < lengths_p  # [U, longest] real prefix keys (right-padded layout)
+    at = (cu[:-1].long()[:, None] + t).clamp(max=packed.shape[1] - 1)  # [U, longest] packed index
+
+    def per_prefix(x: torch.Tensor) -> torch.Tensor:  # [1, Hkv, sum P, D] -> [U, Hkv, longest, D]
+        return x[0][:, at].transpose(0, 1)
 
     uses = torch.bincount(group, minlength=U).to(torch.float32)  # [U] rows reading each prefix
-    weights = [(pre_mask.float() * uses[:, None]).reshape(-1)]  # aux loss: a prefix token once per row
+    weights = [uses.repeat_interleave(lengths_p[:, 0])]  # aux loss: a prefix token once per row reading it
     positions = p_len[:, None] - 1 + torch.arange(W, device=device)[None, :]  # [B, W]
     S = W - 1
     if S == 0:  # every row ends at its prefix
@@ -119,7 +123,7 @@ def shared_prefix_hidden(model: HybridForCausalLM, input_ids: torch.Tensor, plan
     # softmax layers: keys = the prefix's (padding masked) then the row's own (causal; a padded
     # query still sees itself so no softmax row is empty)
     own_keys = (j.T >= j) & (own_mask[:, None, :] | torch.eye(S, dtype=torch.bool, device=device))  # [B, S, S]
-    keys_mask = torch.cat([pre_mask.bool()[group][:, None, :].expand(B, S, longest), own_keys], dim=2)[:, None]
+    keys_mask = torch.cat([pre_mask[group][:, None, :].expand(B, S, longest), own_keys], dim=2)[:, None]
     own_router = []
     for i, layer in enumerate(base.layers):
         x = layer.input_layernorm(h)
@@ -130,7 +134,7 @@ def shared_prefix_hidden(model: HybridForCausalLM, input_ids: torch.Tensor, plan
             attn_out = attn._output(x, o)
         else:
             q, k, v = attn.project(x, cos, sin)  # q [B, H, S, D], k, v [B, Hkv, S, D]
-            pk, pv = out.states[i]  # [U, Hkv, longest, D]
+            pk, pv = (per_prefix(x) for x in out.states[i])  # [U, Hkv, longest, D]
             keys, values = torch.cat([pk[group], k], dim=2), torch.cat([pv[group], v], dim=2)
             attn_out = attn.attend(q, keys, values, keys_mask, is_causal=False)
         h, router = layer.feed_forward(layer.residual_attn(x, attn_out))
