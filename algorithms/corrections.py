@@ -111,7 +111,8 @@ def mismatch_metrics(learner_logprobs: Tensor, rollout_logprobs: Tensor, mask: T
     probabilities ``exp(logp)``, the number MiniMax-M1 reports: 0.987 -> 0.997 with an fp32 LM
     head), ``is_ratio_mean``, ``is_ratio_min``, ``is_ratio_max`` (``exp(learner - rollout)``)
     and ``kl_k3`` (k3 estimate of KL(rollout || learner) on rollout samples). With no masked
-    token every value is NaN; the correlation is NaN when either side has zero variance.
+    token every value is NaN; the correlation is NaN when either side has zero variance, and
+    clamped to [-1, 1] (rounding can leave near-identical sides a hair above 1).
     These are metrics only; nothing here is differentiated.
     """
     keep, maskf, t = validate_token_inputs(learner_logprobs, mask, rollout_logprobs=rollout_logprobs)
@@ -126,6 +127,7 @@ def mismatch_metrics(learner_logprobs: Tensor, rollout_logprobs: Tensor, mask: T
     pc, qc = p - p.mean(), q - q.mean()
     denom = torch.sqrt((pc * pc).sum() * (qc * qc).sum())
     pearson = torch.where(denom > 0, (pc * qc).sum() / torch.where(denom > 0, denom, torch.ones_like(denom)), nan)
+    pearson = pearson.clamp(-1.0, 1.0)  # fp32 rounding put near-identical sides at 1 + 1e-7 (NaN stays NaN)
     ratio = diff.clamp(-_METRIC_LOG_BOUND, _METRIC_LOG_BOUND).exp()
     return {
         "logp_abs_diff_mean": diff.abs().mean(),

@@ -106,21 +106,34 @@ def prefill_many(
 ) -> tuple[torch.Tensor, list[SlotState]]:
     """Prefill N prompts. Returns (next-token logits fp32 `[N, V]`, one SlotState per prompt).
 
-    Prompts go in consecutive groups of at most `max_tokens` tokens (a longer prompt alone),
-    so activation memory stays bounded however many long prompts arrive at once.
+    Prompts go, shortest first, in groups of similar length: a group's left-padded batch holds
+    at most `max_tokens` tokens (a longer prompt alone), so activation memory stays bounded,
+    and at most PAD_SLACK times its real tokens, so each group runs as one padded batch with
+    little padding (mixed lengths in one group would run packed, where the CPU lightning
+    kernel goes document by document: 216 prompts of 64-256 tokens prefilled 2x slower).
+    Results come back in the order of `prompts`.
     """
-    groups: list[list[torch.Tensor | list[int]]] = [[]]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    groups: list[list[int]] = [[]]
     size = 0
-    for p in prompts:
-        n = len(p)
-        if groups[-1] and size + n > max_tokens:
+    for i in order:
+        n = len(prompts[i])  # the group's longest so far (ascending order)
+        padded = (len(groups[-1]) + 1) * n
+        if groups[-1] and (padded > max_tokens or padded > PAD_SLACK * (size + n)):
             groups.append([])
             size = 0
-        groups[-1].append(p)
+        groups[-1].append(i)
         size += n
-    results = [_prefill_group(model, g) for g in groups]
+    results = [_prefill_group(model, [prompts[i] for i in g]) for g in groups]
     logits = torch.cat([r[0] for r in results]) if len(results) > 1 else results[0][0]
-    return logits, [s for r in results for s in r[1]]
+    states = [s for r in results for s in r[1]]
+    done = [i for g in groups for i in g]  # position in `results` -> index in `prompts`
+    back = torch.empty(len(done), dtype=torch.long)
+    back[torch.tensor(done)] = torch.arange(len(done))
+    return logits[back.to(logits.device)], [states[k] for k in back.tolist()]
+
+
+PAD_SLACK = 1.25  # prefill_many: padded tokens per real token allowed in one group
 
 
 def _prefill_group(

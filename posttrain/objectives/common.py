@@ -8,7 +8,8 @@ from typing import Any, Callable, Optional, Protocol, Sequence, TypeVar
 import torch
 
 from posttrain.data.collate import Batch, to_device
-from posttrain.models import eval_mode, forward_hidden, token_logprobs
+from posttrain.models import HybridForCausalLM, eval_mode, forward_hidden, token_logprobs
+from posttrain.models.shared_prefix import plan_shared_prefixes, shared_prefix_hidden
 
 T = TypeVar("T")
 
@@ -33,13 +34,22 @@ class Objective(Protocol):
 
 
 def target_logprobs(model: torch.nn.Module, batch: Batch, *, chunk_size: int, temperature: float = 1.0,
-                    with_entropy: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+                    with_entropy: bool = False, share_prefixes: bool = False
+                    ) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
     """log softmax(logits / temperature) of each target token `[B, T]` (0 where targets ==
     IGNORE_INDEX), its entropy `[B, T]` (or None) and the router aux loss (a scalar).
 
     The temperature is the sampling engine's (posttrain.rollout.types' log-prob convention);
     logits / T == head(hidden / T) because the LM head has no bias, so the chunked head of
-    token_logprobs is reused unchanged."""
+    token_logprobs is reused unchanged.
+
+    share_prefixes: rows of our hybrid model that start with the same untargeted prefix (an RL
+    micro-batch: G samples per prompt) run that prefix once (posttrain.models.shared_prefix);
+    the same values up to float rounding."""
+    if share_prefixes:
+        shared = _shared_prefix_logprobs(model, batch, chunk_size, temperature, with_entropy)
+        if shared is not None:
+            return shared
     # The attention mask keeps right padding out of the router loss and out of attention:
     # without it, padded positions (no loss of their own) feed exploding gradients back
     # through the lightning layers' output norm.
@@ -52,6 +62,36 @@ def target_logprobs(model: torch.nn.Module, batch: Batch, *, chunk_size: int, te
     out = token_logprobs(model, hidden, batch.targets, chunk_size=chunk_size, with_entropy=with_entropy)
     logp, entropy = out if with_entropy else (out, None)
     return logp, entropy, aux
+
+
+def _shared_prefix_logprobs(model: torch.nn.Module, batch: Batch, chunk_size: int, temperature: float,
+                            with_entropy: bool) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]]:
+    """target_logprobs through shared_prefix_hidden, or None where it does not apply (another
+    model, packed rows, custom positions, no shared prefix)."""
+    if not isinstance(model, HybridForCausalLM) or batch.cu_seqlens is not None:
+        return None
+    B, T = batch.input_ids.shape
+    if batch.position_ids is not None and not torch.equal(
+            batch.position_ids.cpu(), torch.arange(T).expand(B, T)):
+        return None
+    plan = plan_shared_prefixes(batch.input_ids, batch.targets, batch.attention_mask)
+    if plan is None:
+        return None
+    hidden, positions, aux = shared_prefix_hidden(model, batch.input_ids, plan)  # [B, W, D], [B, W]
+    if temperature != 1.0:
+        if model.get_output_embeddings().bias is not None:
+            raise ValueError("sampling temperature != 1 needs an LM head without bias")
+        hidden = hidden / temperature
+    inside = positions < T
+    targets = torch.where(inside, batch.targets.gather(1, positions.clamp(max=T - 1)), -100)  # [B, W]
+    out = token_logprobs(model, hidden, targets, chunk_size=chunk_size, with_entropy=with_entropy)
+    logp, entropy = out if with_entropy else (out, None)
+
+    def full(x: torch.Tensor) -> torch.Tensor:  # [B, W] -> [B, T]; positions are distinct per row
+        W = x.shape[1]
+        return x.new_zeros(B, T + W).scatter(1, positions, x)[:, :T]
+
+    return full(logp), (full(entropy) if entropy is not None else None), aux
 
 
 @torch.no_grad()

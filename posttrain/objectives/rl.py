@@ -190,7 +190,8 @@ class PolicyObjective:
 
     def __call__(self, model: torch.nn.Module, batch: RLBatch, counts: StepCounts) -> tuple[torch.Tensor, dict[str, Any]]:
         logp, entropy, aux = target_logprobs(model, batch.model_batch, chunk_size=self.chunk_size,
-                                             temperature=self.sampling.temperature, with_entropy=True)
+                                             temperature=self.sampling.temperature, with_entropy=True,
+                                             share_prefixes=True)
         mask = batch.mask
         old = batch.old_logprobs if batch.old_logprobs is not None else logp.detach()
         is_weight, corr = None, {}
@@ -211,7 +212,8 @@ class PolicyObjective:
 
         def one(m: torch.nn.Module, b: Any) -> torch.Tensor:
             mb = b.model_batch if isinstance(b, RLBatch) else b
-            logp, _, _ = target_logprobs(m, mb, chunk_size=self.chunk_size, temperature=self.sampling.temperature)
+            logp, _, _ = target_logprobs(m, mb, chunk_size=self.chunk_size, temperature=self.sampling.temperature,
+                                         share_prefixes=True)
             return logp.float().cpu()
 
         return map_batches(model, batches, one)

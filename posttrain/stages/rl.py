@@ -455,6 +455,9 @@ def learn(ctx: StageContext, cfg: RLStageConfig, learners: Learners, reference: 
     random.Random(sampling_seed(ctx.seed, step, 999)).shuffle(order)  # mix prompts across mini-batches
     minis = [[samples[i] for i in order[k::K]] for k in range(K)]
     minis = [m[: len(m) - len(m) % world] for m in minis]  # ranks need equal shares (drops < world)
+    # Within a mini-batch (one optimizer step) the order only sets the micro-batches: a prompt's
+    # samples side by side share one prefix forward on the learner (PolicyObjective).
+    minis = [by_prompt(m) for m in minis]
     pad = ctx.tokenizer.pad_token_id
     plans = [micro_batches(m, world, cfg.micro_size, lambda mb: to_rl_batch(mb, pad, cfg.filters.mask_truncated))
              for m in minis if m]
@@ -485,6 +488,14 @@ def learn(ctx: StageContext, cfg: RLStageConfig, learners: Learners, reference: 
         out[k] = sum(vals) / len(vals)
     out["updates"] = float(len(per_update))
     return out
+
+
+def by_prompt(samples: list[Sample]) -> list[Sample]:
+    """The samples with each prompt's side by side, prompts in order of first appearance (stable)."""
+    first: dict[tuple[int, ...], int] = {}
+    for x in samples:
+        first.setdefault(tuple(x.prompt_ids), len(first))
+    return sorted(samples, key=lambda x: first[tuple(x.prompt_ids)])
 
 
 def train_mismatch(batches: list[RLBatch], learner_logprobs: list[torch.Tensor]) -> dict[str, float]:

@@ -119,3 +119,14 @@ def test_bad_inputs():
     bad_pad[3, 4] = float("nan")  # padding: ignored
     w, _ = rollout_correction(old, bad_pad, mask)
     assert torch.isfinite(w).all()
+
+
+def test_mismatch_pearson_never_exceeds_one():
+    """Near-identical sides: the correlation's rounding must not leave [-1, 1] (the demo test
+    asserts prob_pearson <= 1; a run logged 1.0000001)."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        lp = -torch.rand(1, 97, generator=g) * 3
+        other = lp + torch.randn(1, 97, generator=g) * 1e-7
+        m = mismatch_metrics(lp, other, torch.ones_like(lp))
+        assert -1.0 <= m["prob_pearson"].item() <= 1.0

@@ -96,3 +96,25 @@ def test_prefill_many_left_padded_batch_equals_single_prefills(model, max_tokens
             assert st.kv[i][0].shape == st1.kv[i][0].shape
             torch.testing.assert_close(st.kv[i][0], st1.kv[i][0], rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(st.kv[i][1], st1.kv[i][1], rtol=1e-5, atol=1e-6)
+
+
+def test_prefill_many_mixed_lengths_go_in_padded_groups_in_input_order(model, monkeypatch):
+    """Uneven prompts are grouped by length (each group one left-padded batch, never the packed
+    row) and come back in the caller's order, equal to one prefill per prompt."""
+    import posttrain.models.decode as decode
+
+    V = model.config.vocab_size
+    lengths = [40, 3, 41, 9, 40, 3, 12, 39, 10]
+    prompts = [torch.randint(0, V, (n,), generator=torch.Generator().manual_seed(k)) for k, n in enumerate(lengths)]
+    monkeypatch.setattr(decode, "_prefill_packed", lambda *a: pytest.fail("a group ran packed"))
+    logits, states = prefill_many(model, prompts)
+    monkeypatch.undo()
+    for p, lg, st in zip(prompts, logits, states):
+        lg1, st1 = prefill(model, p[None])
+        torch.testing.assert_close(lg, lg1, rtol=1e-5, atol=1e-5)
+        assert st.length == p.numel()
+        for i in st1.linear:
+            torch.testing.assert_close(st.linear[i], st1.linear[i], rtol=1e-5, atol=1e-6)
+        for i in st1.kv:
+            torch.testing.assert_close(st.kv[i][0], st1.kv[i][0], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(st.kv[i][1], st1.kv[i][1], rtol=1e-5, atol=1e-6)
