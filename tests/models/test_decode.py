@@ -86,16 +86,7 @@ def test_prefill_many_left_padded_batch_equals_single_prefills(model, max_tokens
     V = model.config.vocab_size
     prompts = [torch.randint(0, V, (n,), generator=torch.Generator().manual_seed(n)) for n in (20, 23, 17, 23)]
     logits, states = prefill_many(model, prompts, max_tokens=max_tokens)
-    for p, lg, st in zip(prompts, logits, states):
-        lg1, st1 = prefill(model, p[None])
-        torch.testing.assert_close(lg, lg1, rtol=1e-5, atol=1e-5)
-        assert st.length == p.numel()
-        for i in st1.linear:
-            torch.testing.assert_close(st.linear[i], st1.linear[i], rtol=1e-5, atol=1e-6)
-        for i in st1.kv:
-            assert st.kv[i][0].shape == st1.kv[i][0].shape
-            torch.testing.assert_close(st.kv[i][0], st1.kv[i][0], rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(st.kv[i][1], st1.kv[i][1], rtol=1e-5, atol=1e-6)
+    assert_equal_to_single_prefills(model, prompts, logits, states)
 
 
 def test_prefill_many_mixed_lengths_go_in_padded_groups_in_input_order(model, monkeypatch):
@@ -109,6 +100,11 @@ def test_prefill_many_mixed_lengths_go_in_padded_groups_in_input_order(model, mo
     monkeypatch.setattr(decode, "_prefill_packed", lambda *a: pytest.fail("a group ran packed"))
     logits, states = prefill_many(model, prompts)
     monkeypatch.undo()
+    assert_equal_to_single_prefills(model, prompts, logits, states)
+
+
+def assert_equal_to_single_prefills(model, prompts, logits, states) -> None:
+    """Each prompt's logits, lightning states and KV equal those of a prefill of it alone."""
     for p, lg, st in zip(prompts, logits, states):
         lg1, st1 = prefill(model, p[None])
         torch.testing.assert_close(lg, lg1, rtol=1e-5, atol=1e-5)
@@ -116,5 +112,6 @@ def test_prefill_many_mixed_lengths_go_in_padded_groups_in_input_order(model, mo
         for i in st1.linear:
             torch.testing.assert_close(st.linear[i], st1.linear[i], rtol=1e-5, atol=1e-6)
         for i in st1.kv:
+            assert st.kv[i][0].shape == st1.kv[i][0].shape
             torch.testing.assert_close(st.kv[i][0], st1.kv[i][0], rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(st.kv[i][1], st1.kv[i][1], rtol=1e-5, atol=1e-6)
