@@ -9,6 +9,7 @@
 #   lora      benchmarks/lora_vs_full.py (peak memory and step time, LoRA vs full)
 #   vs_trl    benchmarks/vs_trl.py --device cuda (VS_TRL_ARGS: e.g. --stages cispo grpo --budget 150)
 #   RECIPE    `posttrain run RECIPE` (a shipped name: gpu, gpu_split, ...): summary + metrics
+#   PART@N    PART in the background on GPU N alone (parts on different GPUs run at the same time)
 set -o pipefail
 OUT=${OUT:-$PWD/gpu_out}; mkdir -p "$OUT"
 REPO=$PWD
@@ -24,9 +25,10 @@ pack_cache() { (cd /tmp && { find tcache -name '*.autotune.json'; find tcache -n
 trap pack_cache EXIT
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 # tests run from a copy outside any dir named posttrain, against the installed package
-rm -rf /tmp/gt && mkdir -p /tmp/gt && cp -r tests/conftest.py tests/posttrain /tmp/gt/ && mv /tmp/gt/posttrain /tmp/gt/tp
-for part in "$@"; do
-  echo "== $part $(date +%T)"
+rm -rf /tmp/gt && mkdir -p /tmp/gt && cp -r tests/conftest.py tests/posttrain /tmp/gt/ && mv /tmp/gt/posttrain /tmp/gt/tp && cp -r tests/models /tmp/gt/tm
+run_part() {
+  local part=$1
+  echo "== $part $(date +%T) (CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-all})"
   case $part in
     gputests)
       (cd /tmp/gt && timeout 300 python3 -m pytest -q -p no:cacheprovider --import-mode=importlib --rootdir /tmp/gt \
@@ -44,4 +46,15 @@ for part in "$@"; do
       tar cz -C /tmp/runs --exclude='*.safetensors' --exclude='*.pt' --exclude='state*' --exclude='checkpoint*' "$part" \
         > "$OUT/$part.run.tgz" ;;
   esac
+  echo "== $part done $(date +%T)"
+}
+# PART@N runs in the background on GPU N only (e.g. `gpu@0 vs_trl@1` on a 2-GPU machine); the
+# others run one after another; the script waits for all
+for part in "$@"; do
+  if [[ $part == *@* ]]; then
+    CUDA_VISIBLE_DEVICES=${part#*@} run_part "${part%@*}" &
+  else
+    run_part "$part"
+  fi
 done
+wait
