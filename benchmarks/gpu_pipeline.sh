@@ -36,7 +36,8 @@ run_part() {
     vs_trl)  # benchmarks/vs_trl.py on CUDA; runs and checkpoints stay in /tmp, the table comes back
       (cd /tmp && timeout ${VS_TRL_TIMEOUT:-420} python3 "$REPO/benchmarks/vs_trl.py" --device cuda ${VS_TRL_ARGS:-} \
         --out /tmp/vs_trl 2>&1 | grep --line-buffered -v Warning | tee "$OUT/vs_trl.log" | tail -30)
-      cp /tmp/vs_trl/vs_trl.json /tmp/vs_trl/vs_trl.png "$OUT/" 2>/dev/null ;;
+      cp /tmp/vs_trl/vs_trl.json /tmp/vs_trl/vs_trl.png "$OUT/" 2>/dev/null
+      (cd /tmp/vs_trl/work && find . -name log.txt -o -name metrics.jsonl | tar czf "$OUT/vs_trl_logs.tgz" -T -) ;;
     lora)
       (cd /tmp && timeout 300 python3 "$REPO/benchmarks/lora_vs_full.py" ${LORA_ARGS:-} 2>&1 | grep --line-buffered -v Warning \
         | tee "$OUT/lora.log" | tail -20) ;;
