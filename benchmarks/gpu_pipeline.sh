@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_pipeline.sh PART...   (logs, summaries and run outputs in $OUT)
 # Parts:
 #   gputests  the GPU tests: placement + CUDA IPC / NCCL syncs, multi-rank learners (NCCL)
+#   rl_learner benchmarks/rl_learner_gpu.py --profile (RL learner micro-batch: shared prefix vs full forward)
 #   lora      benchmarks/lora_vs_full.py (peak memory and step time, LoRA vs full)
 #   vs_trl    benchmarks/vs_trl.py --device cuda (VS_TRL_ARGS: e.g. --stages cispo grpo --budget 150)
 #   RECIPE    `posttrain run RECIPE` (a shipped name: gpu, gpu_split, ...): summary + metrics
@@ -38,6 +39,9 @@ run_part() {
         --out /tmp/vs_trl 2>&1 | grep --line-buffered -v Warning | tee "$OUT/vs_trl.log" | tail -30)
       cp /tmp/vs_trl/vs_trl.json /tmp/vs_trl/vs_trl.png "$OUT/" 2>/dev/null
       (cd /tmp/vs_trl/work && find . -name log.txt -o -name metrics.jsonl | tar czf "$OUT/vs_trl_logs.tgz" -T -) ;;
+    rl_learner)  # benchmarks/rl_learner_gpu.py: shared-prefix vs full forward of one RL micro-batch + profile
+      (cd /tmp && timeout ${RL_LEARNER_TIMEOUT:-240} python3 "$REPO/benchmarks/rl_learner_gpu.py" --profile 2>&1 \
+        | grep --line-buffered -v Warning > "$OUT/rl_learner.log"; grep -A8 "^### RL" "$OUT/rl_learner.log") ;;
     lora)
       (cd /tmp && timeout 300 python3 "$REPO/benchmarks/lora_vs_full.py" ${LORA_ARGS:-} 2>&1 | grep --line-buffered -v Warning \
         | tee "$OUT/lora.log" | tail -20) ;;
