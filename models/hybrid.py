@@ -13,6 +13,7 @@ config.json and ignored by transformers) selects an fp32 LM head; see `lm_head_f
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -169,6 +170,19 @@ class LightningAttention(nn.Module):
         return self._output(x, o)
 
 
+def _no_cudnn_sdpa(q: torch.Tensor):
+    """SDPA without its cuDNN backend on CUDA (flash, memory-efficient or math: whichever takes
+    the inputs); a no-op elsewhere. cuDNN builds an execution plan for every new shape, and
+    our shapes change all the time: a decode step's key length, an RL micro-batch's width,
+    each packed document's length. Measured: ~40 ms of host time per decode-step call on an
+    H100; 5 ms per forward and 10 ms per backward call in an RL micro-batch on an H200 (profile
+    of benchmarks/rl_learner_gpu.py). Fixed-shape long-context training gives up cuDNN's
+    kernel, which docs/gpu.md's 128K-1M training table used (not re-measured)."""
+    if not q.is_cuda:
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 class SoftmaxAttention(nn.Module):
     """Multi-head (GQA) softmax attention with RoPE; scale 1/sqrt(D)."""
 
@@ -193,9 +207,10 @@ class SoftmaxAttention(nn.Module):
     def attend(self, q, k, v, mask: Optional[torch.Tensor], is_causal: bool) -> torch.Tensor:
         """q `[B, H, Tq, D]`, k, v `[B, Hkv, Tk, D]`, mask bool broadcastable to `[B, H, Tq, Tk]` -> `[B, Tq, hidden]`."""
         # GQA inside SDPA: no repeated copy of k, v (query head h reads kv head h // (H / Hkv))
-        o = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal and mask is None, enable_gqa=self.num_kv != self.num_heads
-        )
+        with _no_cudnn_sdpa(q):
+            o = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=is_causal and mask is None, enable_gqa=self.num_kv != self.num_heads
+            )
         B, _, Tq, _ = o.shape
         return self.o_proj(o.transpose(1, 2).reshape(B, Tq, -1))
 
@@ -207,13 +222,7 @@ class SoftmaxAttention(nn.Module):
         cache is read as is (no repeat, no copy) by any SDPA backend."""
         n, H, _, D = q.shape
         qg = q.reshape(n, self.num_kv, H // self.num_kv, D)  # head h = kv * rep + r
-        if q.is_cuda:
-            # cuDNN's SDPA builds a new execution plan for every new key length (measured on
-            # an H100: ~40 ms of host time per call, i.e. every decoding step); the
-            # memory-efficient kernel takes masks and any length without planning
-            with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
-                o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask[:, None, None, :])
-        else:
+        with _no_cudnn_sdpa(q):
             o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask[:, None, None, :])
         return self.o_proj(o.reshape(n, H * D))
 

@@ -45,7 +45,7 @@ def target_logprobs(model: torch.nn.Module, batch: Batch, *, chunk_size: int, te
 
     share_prefixes: rows of our hybrid model that start with the same untargeted prefix (an RL
     micro-batch: G samples per prompt) run that prefix once (posttrain.models.shared_prefix);
-    the same values up to float rounding."""
+    the same values up to float rounding. CPU only (see _shared_prefix_logprobs)."""
     if share_prefixes:
         shared = _shared_prefix_logprobs(model, batch, chunk_size, temperature, with_entropy)
         if shared is not None:
@@ -67,8 +67,13 @@ def target_logprobs(model: torch.nn.Module, batch: Batch, *, chunk_size: int, te
 def _shared_prefix_logprobs(model: torch.nn.Module, batch: Batch, chunk_size: int, temperature: float,
                             with_entropy: bool) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]]:
     """target_logprobs through shared_prefix_hidden, or None where it does not apply (another
-    model, packed rows, custom positions, no shared prefix)."""
-    if not isinstance(model, HybridForCausalLM) or batch.cu_seqlens is not None:
+    model, packed rows, custom positions, no shared prefix) or does not pay: on a GPU. There a
+    micro-batch is bound by kernel launches, not arithmetic, and the shared-prefix path issues
+    more of them: on an H200 (small-hybrid, bf16, 4 prompts x 8 samples;
+    benchmarks/rl_learner_gpu.py) its forward+backward took 357 vs 325 ms for 2,048-token
+    prompts and 413 vs 129 ms for 32-token ones, and its first call 126 s (fla tuning its
+    initial-state kernels) against 1.5 s. On the CPU it is what made the demo's RL fast."""
+    if not isinstance(model, HybridForCausalLM) or batch.cu_seqlens is not None or batch.input_ids.is_cuda:
         return None
     B, T = batch.input_ids.shape
     if batch.position_ids is not None and not torch.equal(

@@ -90,3 +90,18 @@ def test_no_shared_prefix_or_not_right_padded_uses_the_full_forward():
     assert plan_shared_prefixes(ids, targets, left) is None
     targets[0, 3] = 5  # a target on padding
     assert plan_shared_prefixes(ids, targets, mask) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (GPU-only test)")
+def test_on_the_gpu_the_full_forward_runs(tiny_config, monkeypatch):
+    """On a GPU the shared-prefix path is slower (launch-bound; benchmarks/rl_learner_gpu.py),
+    so target_logprobs takes the full forward there even when asked to share prefixes."""
+    import posttrain.objectives.common as common
+
+    model = HybridForCausalLM(tiny_config()).cuda().eval()
+    batch = random_batch(tiny_config().vocab_size, seed=0)
+    batch = Batch(*(t.cuda() for t in (batch.input_ids, batch.targets, batch.position_ids, batch.attention_mask)))
+    monkeypatch.setattr(common, "shared_prefix_hidden", lambda *a: pytest.fail("shared prefix ran on the GPU"))
+    with torch.no_grad():
+        lp, _, _ = target_logprobs(model, batch, chunk_size=16, share_prefixes=True)
+    assert lp.is_cuda and bool((lp[batch.targets >= 0] < 0).all())

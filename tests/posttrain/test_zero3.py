@@ -125,8 +125,10 @@ def test_save_pretrained_loads_in_plain_transformers(z3, tmp_path):
     assert isinstance(theirs, MiniMaxForCausalLM)
     ids = torch.randint(3, IDS["vocab_size"], (2, 21), generator=torch.Generator().manual_seed(5))
     ours = z3.call_rank0(logits_of, ids)  # the learner's own forward on its partitioned weights
-    want = logits_of(theirs, ids)
-    assert ((ours - want).abs().max() / want.abs().max()).item() < TOL
+    want = logits_of(theirs, ids)  # transformers on the CPU
+    # the learner ran on a GPU in the GPU run (other kernels: 4.4e-5 measured on 2 H200s)
+    tol = 2e-4 if torch.cuda.is_available() else TOL
+    assert ((ours - want).abs().max() / want.abs().max()).item() < tol
 
 
 def _probe():
