@@ -23,11 +23,22 @@ class StepCounts:
     sequences: float = 0.0  # sequences (rl: seq_mean / fixed_len normaliser); pairs in dpo
 
 
+@dataclass(frozen=True)
+class Gathered:
+    """A per-micro-batch output of an objective that is not a summable metric (the rl objective's
+    detached per-token log-probs of its own forward): Learner.train_step hands back every
+    micro-batch's value as is, a list in micro-batch order under its metric key, and
+    LearnerGroup.train_step joins the ranks' lists in rank order. Keep it small (CPU, only the
+    tokens the driver needs): it crosses the Ray boundary."""
+
+    value: torch.Tensor
+
+
 class Objective(Protocol):
     """What a learner trains with: `objective(model, micro_batch, counts) -> (loss, metrics)`,
     the loss already divided by the step's global counts and metrics given as contributions
-    that sum to the step's value over micro-batches and ranks. Frozen dataclasses in
-    posttrain.objectives (picklable: Ray ships them whole)."""
+    that sum to the step's value over micro-batches and ranks (or `Gathered`, handed back whole).
+    Frozen dataclasses in posttrain.objectives (picklable: Ray ships them whole)."""
 
     def __call__(self, model: torch.nn.Module, batch: Any, counts: StepCounts) -> tuple[torch.Tensor, dict[str, Any]]:
         ...
