@@ -105,6 +105,21 @@ def _shared_prefix_logprobs(model: torch.nn.Module, batch: Batch, chunk_size: in
     return full(logp), (full(entropy) if entropy is not None else None), aux
 
 
+def draws_noise(model: torch.nn.Module) -> bool:
+    """Whether `model`'s forward is random as it stands (train mode with dropout p > 0, peft's
+    adapter dropout included, a Hugging Face attention_dropout > 0, or our MoE router's jitter):
+    then its log-probs are not the policy's own, which an eval-mode forward gives."""
+    from posttrain.models.hybrid import SparseMoE
+
+    if not model.training:
+        return False
+    config = getattr(model, "config", None)
+    if float(getattr(config, "attention_dropout", 0.0) or 0.0) > 0:  # HF attention: functional dropout
+        return True
+    return any((isinstance(m, torch.nn.Dropout) and m.p > 0) or (isinstance(m, SparseMoE) and m.jitter > 0)
+               for m in model.modules())
+
+
 @torch.no_grad()
 def map_batches(model: torch.nn.Module, batches: Sequence[Any], fn: Callable[[torch.nn.Module, Any], T]) -> list[T]:
     """fn(model, batch) for each batch moved to the model's device, in eval mode and without
