@@ -269,15 +269,17 @@ class LearnerGroup:
         self._all("configure", optim, schedule, learner, total_steps, lora, adapter)
         self.gathers = learner.zero_stage == 3
 
-    def train_step(self, objective: Objective, per_rank: list[list[Any]], counts: StepCounts) -> dict[str, float]:
-        import ray
+    def train_step(self, objective: Objective, per_rank: list[list[Any]], counts: StepCounts) -> dict[str, Any]:
+        from posttrain.learner import join_rank_answers
 
-        return self._get([a.train_step.remote(objective, mb, counts) for a, mb in zip(self.actors, per_rank)])[0]
+        return join_rank_answers(self._get([a.train_step.remote(objective, mb, counts)
+                                            for a, mb in zip(self.actors, per_rank)]))
 
-    def evaluate(self, objective: Objective, per_rank: list[list[Any]], counts: StepCounts) -> dict[str, float]:
-        import ray
+    def evaluate(self, objective: Objective, per_rank: list[list[Any]], counts: StepCounts) -> dict[str, Any]:
+        from posttrain.learner import join_rank_answers
 
-        return self._get([a.evaluate.remote(objective, mb, counts) for a, mb in zip(self.actors, per_rank)])[0]
+        return join_rank_answers(self._get([a.evaluate.remote(objective, mb, counts)
+                                            for a, mb in zip(self.actors, per_rank)]))
 
     def call_rank0(self, fn: Callable[..., Any], *args: Any) -> Any:
         """fn(rank 0's model, *args) on the learner: generation, old / reference log-probs

@@ -30,7 +30,7 @@ from posttrain.data.collate import to_device
 from posttrain.faults import kill_point
 from posttrain.lora import LoRAConfig, apply_lora, merged_state
 from posttrain.models import ModelConfig, eval_mode
-from posttrain.objectives.common import Objective, StepCounts
+from posttrain.objectives.common import Gathered, Objective, StepCounts
 from posttrain.zero3 import gathers_whole_model, head_parameters, set_moe_leaves, whole
 
 
@@ -98,16 +98,17 @@ class LearnerConfig:
 class Learners(Protocol):
     """The stage loops' handle on the learner ranks (posttrain.cluster.LearnerGroup hosts one
     Learner per rank on Ray; tests may use anything with these methods). Calls go to every
-    rank; answers are rank 0's (metrics are already all-reduced)."""
+    rank; answers are rank 0's (metrics are already all-reduced), except an objective's `Gathered`
+    outputs of train_step / evaluate: every rank's micro-batches, rank-major."""
 
     world_size: int
 
     def configure(self, optim: OptimConfig, schedule: ScheduleConfig, learner: LearnerConfig,
                   total_steps: int, lora: Optional[LoRAConfig] = None, adapter: Optional[str] = None) -> None: ...
 
-    def train_step(self, objective: Objective, per_rank: list[list[Any]], counts: StepCounts) -> dict[str, float]: ...
+    def train_step(self, objective: Objective, per_rank: list[list[Any]], counts: StepCounts) -> dict[str, Any]: ...
 
-    def evaluate(self, objective: Objective, per_rank: list[list[Any]], counts: StepCounts) -> dict[str, float]: ...
+    def evaluate(self, objective: Objective, per_rank: list[list[Any]], counts: StepCounts) -> dict[str, Any]: ...
 
     def call_rank0(self, fn: Callable[..., Any], *args: Any) -> Any: ...
 
@@ -279,17 +280,19 @@ class Learner:
         self.step = 0
 
     # --------------------------------------------------------------- training
-    def train_step(self, objective: Objective, micro_batches: list[Any], counts: StepCounts) -> dict[str, float]:
+    def train_step(self, objective: Objective, micro_batches: list[Any], counts: StepCounts) -> dict[str, Any]:
         """One optimizer step over this rank's micro-batches; returns summed metrics.
 
         Every rank must receive the same number of micro-batches. Objectives return
         metrics as *sums over the step's normaliser* (e.g. loss already divided by the
         global count), so summing over micro-batches and ranks gives global values.
+        A `Gathered` output comes back as the list of this rank's micro-batch values (in order).
         """
         eng = self.engine
         assert eng is not None, "call configure() first"
         kill_point("learner", self.step + 1)  # fault tests: this rank dies before the step
         totals: dict[str, float] = {}
+        gathered: dict[str, list[torch.Tensor]] = {}
         n = len(micro_batches)
         zero_opt = eng.zero_optimization_stage() > 0
         for i, micro in enumerate(micro_batches):
@@ -300,8 +303,7 @@ class Learner:
             with whole(head_parameters(eng.module)):  # ZeRO-3: the log-prob path reads the head weight
                 loss, metrics = objective(eng.module, to_device(micro, self.device), counts)
                 eng.backward(loss * self.dist.world_size, scale_wrt_gas=False)
-            for k, v in metrics.items():
-                totals[k] = totals.get(k, 0.0) + float(v)
+            _accumulate(totals, gathered, metrics)
         # ZeRO >= 1 reports the (pre-clipping) norm from its optimizer; plain fp32 DeepSpeed
         # (stage 0) does not track it, so it is read off the gradients before the step.
         grad_norm = _grad_norm(eng.module) if eng.zero_optimization_stage() == 0 else None
@@ -314,18 +316,19 @@ class Learner:
         out["lr"] = float(eng.get_lr()[0])
         if self.device.type == "cuda":  # since configure(): the stage's peak on this rank
             out["gpu_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-        return out
+        return {**out, **gathered}
 
     @torch.no_grad()
-    def evaluate(self, objective: Objective, micro_batches: list[Any], counts: StepCounts) -> dict[str, float]:
-        """Sum an objective's metrics over micro-batches without updating anything."""
+    def evaluate(self, objective: Objective, micro_batches: list[Any], counts: StepCounts) -> dict[str, Any]:
+        """Sum an objective's metrics over micro-batches without updating anything (`Gathered`
+        outputs listed as in train_step)."""
         totals: dict[str, float] = {}
+        gathered: dict[str, list[torch.Tensor]] = {}
         with eval_mode(self.module), whole(head_parameters(self.module)):
             for micro in micro_batches:
                 _, metrics = objective(self.module, to_device(micro, self.device), counts)
-                for k, v in metrics.items():
-                    totals[k] = totals.get(k, 0.0) + float(v)
-        return _all_reduce_sum(totals)
+                _accumulate(totals, gathered, metrics)
+        return {**_all_reduce_sum(totals), **gathered}
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run `fn(model, *args)` on this rank's model (e.g. generation for eval). Under ZeRO-3
@@ -425,6 +428,26 @@ class Learner:
             if client["rng"]["cuda"]:
                 torch.cuda.set_rng_state_all(client["rng"]["cuda"])
         return json.loads(Path(state_dir, "progress.json").read_text())
+
+
+def _accumulate(totals: dict[str, float], gathered: dict[str, list[torch.Tensor]], metrics: dict[str, Any]) -> None:
+    """Add one micro-batch's metric contributions to `totals`; list its `Gathered` outputs."""
+    for k, v in metrics.items():
+        if isinstance(v, Gathered):
+            gathered.setdefault(k, []).append(v.value)
+        else:
+            totals[k] = totals.get(k, 0.0) + float(v)
+
+
+def join_rank_answers(answers: list[dict[str, Any]]) -> dict[str, Any]:
+    """The group's answer to train_step / evaluate from each rank's (rank order): rank 0's
+    all-reduced metrics, and each `Gathered` output's lists joined rank-major (so they line up
+    with the per-rank micro-batches flattened rank by rank)."""
+    out = dict(answers[0])
+    for k, v in answers[0].items():
+        if isinstance(v, list):
+            out[k] = [x for a in answers for x in a[k]]
+    return out
 
 
 def _all_reduce_sum(metrics: dict[str, float]) -> dict[str, float]:

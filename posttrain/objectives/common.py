@@ -23,11 +23,22 @@ class StepCounts:
     sequences: float = 0.0  # sequences (rl: seq_mean / fixed_len normaliser); pairs in dpo
 
 
+@dataclass(frozen=True)
+class Gathered:
+    """A per-micro-batch output of an objective that is not a summable metric (the rl objective's
+    detached per-token log-probs of its own forward): Learner.train_step hands back every
+    micro-batch's value as is, a list in micro-batch order under its metric key, and
+    LearnerGroup.train_step joins the ranks' lists in rank order. Keep it small (CPU, only the
+    tokens the driver needs): it crosses the Ray boundary."""
+
+    value: torch.Tensor
+
+
 class Objective(Protocol):
     """What a learner trains with: `objective(model, micro_batch, counts) -> (loss, metrics)`,
     the loss already divided by the step's global counts and metrics given as contributions
-    that sum to the step's value over micro-batches and ranks. Frozen dataclasses in
-    posttrain.objectives (picklable: Ray ships them whole)."""
+    that sum to the step's value over micro-batches and ranks (or `Gathered`, handed back whole).
+    Frozen dataclasses in posttrain.objectives (picklable: Ray ships them whole)."""
 
     def __call__(self, model: torch.nn.Module, batch: Any, counts: StepCounts) -> tuple[torch.Tensor, dict[str, Any]]:
         ...
@@ -97,6 +108,21 @@ def _shared_prefix_logprobs(model: torch.nn.Module, batch: Batch, chunk_size: in
         return x.new_zeros(B, T + W).scatter(1, positions, x)[:, :T]
 
     return full(logp), (full(entropy) if entropy is not None else None), aux
+
+
+def draws_noise(model: torch.nn.Module) -> bool:
+    """Whether `model`'s forward is random as it stands (train mode with dropout p > 0, peft's
+    adapter dropout included, a Hugging Face attention_dropout > 0, or our MoE router's jitter):
+    then its log-probs are not the policy's own, which an eval-mode forward gives."""
+    from posttrain.models.hybrid import SparseMoE
+
+    if not model.training:
+        return False
+    config = getattr(model, "config", None)
+    if float(getattr(config, "attention_dropout", 0.0) or 0.0) > 0:  # HF attention: functional dropout
+        return True
+    return any((isinstance(m, torch.nn.Dropout) and m.p > 0) or (isinstance(m, SparseMoE) and m.jitter > 0)
+               for m in model.modules())
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ import torch
 from posttrain.algorithms import cispo_loss, grpo_loss, rollout_correction
 from posttrain.algorithms.custom import call_policy_loss, policy_loss_signature_error
 from posttrain.data.collate import IGNORE_INDEX, Batch
-from posttrain.objectives.common import StepCounts, map_batches, target_logprobs
+from posttrain.objectives.common import Gathered, StepCounts, draws_noise, map_batches, target_logprobs
 from posttrain.rollout import SamplingConfig
 from posttrain.rollout import resolve_callable
 
@@ -181,7 +181,10 @@ class PolicyObjective:
     Log-probs are log softmax(logits / T) with T the sampling temperature (the engine's own
     convention), so they compare with the engine's (mismatch metrics, TIS/MIS) and with the
     old policy's. `old_logprobs` absent (one update per rollout batch): the current log-probs,
-    detached. The router aux loss is weighted by this micro-batch's token share."""
+    detached; they are then also the sampling policy's, and come back from the learner (metric
+    "old_logprobs", `Gathered`: the completion tokens' values, row-major) for the stage's mismatch
+    metrics, so no separate no-grad pass computes them again. The router aux loss is weighted by
+    this micro-batch's token share."""
 
     loss: PolicyLoss
     sampling: SamplingConfig  # temperature of the log-probs; max_new_tokens is Dr. GRPO's max_len
@@ -203,7 +206,21 @@ class PolicyObjective:
                                           max_len=self.sampling.max_new_tokens, ref_logprobs=batch.ref_logprobs,
                                           is_weight=is_weight)
         share = mask.sum() / counts.tokens
-        return loss + aux * share, contributions(loss, metrics, corr, entropy, aux, mask, counts.tokens)
+        out = contributions(loss, metrics, corr, entropy, aux, mask, counts.tokens)
+        if batch.old_logprobs is None:
+            out["old_logprobs"] = Gathered(self._sampling_logprobs(model, batch, logp)[mask.bool()].cpu())
+        return loss + aux * share, out
+
+    def _sampling_logprobs(self, model: torch.nn.Module, batch: RLBatch, logp: torch.Tensor) -> torch.Tensor:
+        """The sampling policy's log-probs `[B, T]` (fp32, detached) when this forward's weights
+        sampled the batch: this forward's own, or, where a train-mode forward is random
+        (dropout, router jitter), an eval-mode no-grad pass like `logprobs` (what the engine
+        samples from)."""
+        if not draws_noise(model):
+            return logp.detach().float()
+        return map_batches(model, [batch], lambda m, b: target_logprobs(
+            m, b.model_batch, chunk_size=self.chunk_size, temperature=self.sampling.temperature,
+            share_prefixes=True)[0].float())[0]
 
     def logprobs(self, model: torch.nn.Module, batches: list[Any]) -> list[torch.Tensor]:
         """Per-target log-probs `[B, T]` (CPU, fp32) of each batch under `model`, no gradient: the

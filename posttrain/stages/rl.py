@@ -8,9 +8,10 @@ One step, top to bottom:
      are all equal and samples extra prompt batches (up to filters.max_extra_rounds) to refill;
   4. group advantages (optionally MiniMax-01's balanced ones); sequences = prompt ids + completion ids exactly as sampled, loss on the
      completion only (truncated completions masked if filters.mask_truncated);
-  5. learner: log-probs of the sampling policy ("old"; with K = 1 the objective uses the current
-     ones detached), train/inference mismatch metrics, optional frozen-reference log-probs (KL),
-     then K = updates_per_batch mini-batch optimizer steps with the PolicyObjective of `loss`;
+  5. learner: log-probs of the sampling policy ("old", a no-grad pass; with K = 1 none: the
+     objective uses the current ones detached and hands them back), optional frozen-reference
+     log-probs (KL), K = updates_per_batch mini-batch optimizer steps with the PolicyObjective of
+     `loss`, train/inference mismatch metrics;
   6. weight sync (the version increments) -> metrics -> periodic eval and resumable state.
 
 With `async_rollout` (docs/async_rl.md) steps 1-4 of step t + 1 run on a driver thread while
@@ -448,8 +449,13 @@ def to_rl_batch(samples: list[Sample], pad_id: int, mask_truncated: bool) -> RLB
 
 def learn(ctx: StageContext, cfg: RLStageConfig, learners: Learners, reference: Any,
           samples: list[Sample], objective: PolicyObjective, step: int) -> dict[str, float]:
-    """Old (and reference) log-probs, mismatch metrics, then K mini-batch optimizer steps.
-    Returns learner metrics averaged over the K updates plus the mismatch metrics."""
+    """Old (and reference) log-probs, then K mini-batch optimizer steps, and the mismatch metrics
+    of the learner's old log-probs against the engine's. Returns learner metrics averaged over
+    the K updates plus the mismatch metrics.
+
+    K == 1: no pass for the old log-probs; the one update's forward is the sampling policy's
+    (its log-probs, detached, are the objective's old ones), and the learner hands its per-token
+    log-probs back ("old_logprobs", every rank's micro-batches in `flat` order) for the metrics."""
     world, K = learners.world_size, cfg.updates_per_batch
     order = list(range(len(samples)))
     random.Random(sampling_seed(ctx.seed, step, 999)).shuffle(order)  # mix prompts across mini-batches
@@ -462,12 +468,14 @@ def learn(ctx: StageContext, cfg: RLStageConfig, learners: Learners, reference: 
     plans = [micro_batches(m, world, cfg.micro_size, lambda mb: to_rl_batch(mb, pad, cfg.filters.mask_truncated))
              for m in minis if m]
     flat = [b for plan in plans for rank in plan for b in rank]
-    old = learners.call_rank0(objective.logprobs, flat)
+    # K == 1: the objective uses the current log-probs detached (and hands them back)
+    old = learners.call_rank0(objective.logprobs, flat) if K > 1 else [None] * len(flat)
     ref = reference.call_rank0(objective.logprobs, flat) if reference is not None else [None] * len(flat)
-    out = train_mismatch(flat, old)
     for b, o, r in zip(flat, old, ref):
-        b.old_logprobs = o if K > 1 else None  # K == 1: the objective uses the current log-probs detached
+        b.old_logprobs = o
         b.ref_logprobs = r
+    # the learner's old log-probs at each batch's completion tokens (b.mask), in `flat` order
+    old_tokens = [o[b.mask.bool()] for b, o in zip(flat, old)] if K > 1 else [torch.zeros(0) for _ in flat]
     per_update: list[dict[str, float]] = []
     for plan in plans:
         batches = [b for rank in plan for b in rank]
@@ -477,12 +485,15 @@ def learn(ctx: StageContext, cfg: RLStageConfig, learners: Learners, reference: 
         if counts.tokens == 0:  # every completion masked (e.g. all truncated)
             continue
         m = learners.train_step(objective, plan, counts)
+        if K == 1:  # one plan: its batches are all of `flat`, in the same order
+            old_tokens = m.pop("old_logprobs")
         if not (math.isfinite(m["loss"]) and math.isfinite(m.get("grad_norm", 0.0))):
             # fp32 DeepSpeed applies the step anyway: the weights are now corrupt. Stop before a
             # sync spreads them; the newest state under <stage>/state/ is intact (--resume).
             raise RuntimeError(f"{cfg.name}: step {step + 1}: non-finite loss {m['loss']} / grad norm "
                                f"{m.get('grad_norm')}; resume from the last checkpoint (checkpoint.every)")
         per_update.append(m)
+    out = train_mismatch(flat, old_tokens)
     for k in sorted({k for m in per_update for k in m}):
         vals = [m[k] for m in per_update if k in m]
         out[k] = sum(vals) / len(vals)
@@ -500,8 +511,9 @@ def by_prompt(samples: list[Sample]) -> list[Sample]:
 
 def train_mismatch(batches: list[RLBatch], learner_logprobs: list[torch.Tensor]) -> dict[str, float]:
     """algorithms.mismatch_metrics over every completion token of the step: learner log-probs
-    of the sampling policy vs the engine's own (mean |diff|, prob correlation, IS-ratio range)."""
-    lrn = torch.cat([lp[b.mask.bool()] for b, lp in zip(batches, learner_logprobs)])
+    of the sampling policy vs the engine's own (mean |diff|, prob correlation, IS-ratio range).
+    `learner_logprobs`: each batch's at its completion tokens (`lp[b.mask.bool()]`, 1-D)."""
+    lrn = torch.cat([lp.float().cpu() for lp in learner_logprobs])
     eng = torch.cat([b.rollout_logprobs[b.mask.bool()] for b in batches])
     m = mismatch_metrics(lrn[None], eng[None], torch.ones_like(lrn)[None])
     return {f"mismatch/{k}": float(v) for k, v in m.items()}
