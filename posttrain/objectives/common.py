@@ -83,8 +83,12 @@ def _shared_prefix_logprobs(model: torch.nn.Module, batch: Batch, chunk_size: in
     more of them: on an H200 (small-hybrid, bf16, 4 prompts x 8 samples;
     benchmarks/rl_learner_gpu.py) its forward+backward took 357 vs 325 ms for 2,048-token
     prompts and 413 vs 129 ms for 32-token ones, and its first call 126 s (fla tuning its
-    initial-state kernels) against 1.5 s. On the CPU it is what made the demo's RL fast."""
-    if not isinstance(model, HybridForCausalLM) or batch.cu_seqlens is not None or batch.input_ids.is_cuda:
+    initial-state kernels) against 1.5 s. On the CPU it is what made the demo's RL fast.
+    Not under ZeRO-3 either: each layer runs twice in one forward (prefixes, then the rows' own
+    tokens), and DeepSpeed's stage-3 gradient hooks then put a parameter twice into one reduce
+    bucket (an assertion in backward; found by tests/posttrain/test_rl_learn_forwards.py)."""
+    if (not isinstance(model, HybridForCausalLM) or batch.cu_seqlens is not None or batch.input_ids.is_cuda
+            or any(hasattr(p, "ds_id") for p in model.parameters())):
         return None
     B, T = batch.input_ids.shape
     if batch.position_ids is not None and not torch.equal(

@@ -7,10 +7,10 @@ needs it) and the metrics are the same too.
 
 Cases: one rank; two ranks (each trains other micro-batches, so the metrics need both ranks'
 tokens); two ZeRO-3 ranks; one rank whose train-mode forward is random (MoE router jitter),
-where the metrics must still be those of the deterministic eval-mode forward. The ZeRO-3 case
-gives every sample a prompt of its own: a training step on micro-batches whose rows share a
-prompt prefix (posttrain.models.shared_prefix) fails under ZeRO-3 on CPU, before this change
-as after it (DeepSpeed's stage3 asserts a parameter is reduced twice in one bucket).
+where the metrics must still be those of the deterministic eval-mode forward. Samples share
+their prompts in every case: under ZeRO-3 that used to fail in backward (the shared-prefix
+forward runs each layer twice and DeepSpeed's stage 3 asserted a parameter reduced twice in one
+bucket); ZeRO-3 now takes the full forward.
 
 Tolerance: the explicit forward scores all samples as one padded batch, the stage as shuffled
 micro-batches, so the log-probs agree to fp32 rounding (~1e-6); one update (lr 5e-2) moves the
@@ -110,7 +110,7 @@ def test_k1_runs_no_old_logprob_pass_and_logs_the_same_mismatch(ray_local, learn
     group = LearnerGroup(ClusterConfig(learners=learners, cpus_per_learner=0.5), model, None, token_ids=IDS, seed=3)
     try:
         group.configure(OptimConfig(lr=5e-2), ScheduleConfig(kind="constant"), LearnerConfig(zero_stage=zero), 10)
-        xs = samples(shared_prompts=zero != 3)
+        xs = samples()
         micro = len(xs) // (2 * learners)  # micro-batches of 2 per rank (micro_size 2)
         for step, K in enumerate([1, 2]):
             want = explicit_mismatch(group, xs)
