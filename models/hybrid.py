@@ -206,11 +206,17 @@ class SoftmaxAttention(nn.Module):
 
     def attend(self, q, k, v, mask: Optional[torch.Tensor], is_causal: bool) -> torch.Tensor:
         """q `[B, H, Tq, D]`, k, v `[B, Hkv, Tk, D]`, mask bool broadcastable to `[B, H, Tq, Tk]` -> `[B, Tq, hidden]`."""
-        # GQA inside SDPA: no repeated copy of k, v (query head h reads kv head h // (H / Hkv))
+        # GQA inside SDPA: no repeated copy of k, v (query head h reads kv head h // (H / Hkv)).
+        # On CUDA, where cuDNN is off (_no_cudnn_sdpa), k and v are repeated instead: flash and
+        # memory-efficient then take them whatever their enable_gqa support, and a masked or long
+        # call never lands on the math kernel (quadratic memory) for want of it.
+        gqa = self.num_kv != self.num_heads
+        if gqa and q.is_cuda:
+            rep = self.num_heads // self.num_kv
+            k, v, gqa = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), False
         with _no_cudnn_sdpa(q):
-            o = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=is_causal and mask is None, enable_gqa=self.num_kv != self.num_heads
-            )
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
+                                               enable_gqa=gqa)
         B, _, Tq, _ = o.shape
         return self.o_proj(o.transpose(1, 2).reshape(B, Tq, -1))
 
