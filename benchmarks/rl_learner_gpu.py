@@ -19,6 +19,7 @@ import statistics
 import time
 
 import torch
+from gpu_common import print_table, sync
 
 from posttrain.models.build import build_model
 from posttrain.models.config import ModelConfig
@@ -51,11 +52,12 @@ def make_batch(prompts: int, samples: int, prompt_len: int, new: int, vocab: int
                      ("input_ids", "targets", "position_ids", "attention_mask", "advantages", "rollout_logprobs")))
 
 
-def timed(fn, sync) -> float:
-    sync()
+def timed(fn, device: torch.device) -> float:
+    """Wall milliseconds of one fn() call (each call is another batch, so no median here)."""
+    sync(device)
     t0 = time.perf_counter()
     fn()
-    sync()
+    sync(device)
     return (time.perf_counter() - t0) * 1e3
 
 
@@ -66,8 +68,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny-hybrid on the CPU (checks the script runs)")
     args = ap.parse_args()
-    device = "cpu" if args.smoke else "cuda"
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    device = torch.device("cpu" if args.smoke else "cuda")
     cfg = ModelConfig(preset="tiny-hybrid" if args.smoke else "small-hybrid",
                       dtype="float32" if args.smoke else "bfloat16")
     torch.manual_seed(0)
@@ -88,28 +89,26 @@ def main() -> None:
                 (logp.sum() + aux).backward()
                 model.zero_grad(set_to_none=True)
 
-            t_ng = [timed(lambda b=b: no_grad(b), sync) for b in batches]
-            t_fb = [timed(lambda b=b: fwd_bwd(b), sync) for b in batches]
+            t_ng = [timed(lambda b=b: no_grad(b), device) for b in batches]
+            t_fb = [timed(lambda b=b: fwd_bwd(b), device) for b in batches]
             rows.append((name, "shared prefix" if share else "full forward", t_ng[0], t_fb[0],
                          statistics.median(t_ng[args.warmup:]), statistics.median(t_fb[args.warmup:])))
             print(rows[-1], flush=True)
-    print(f"\n### RL learner micro-batch on {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'} "
-          f"({cfg.preset}, {cfg.dtype}; median of {args.reps} after {args.warmup} warm-up)\n")
-    print("| shape | path | first no-grad ms | first fwd+bwd ms | no-grad ms | fwd+bwd ms |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r[0]} | {r[1]} | " + " | ".join(f"{x:,.1f}" for x in r[2:]) + " |")
+    where = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print_table(f"RL learner micro-batch on {where} ({cfg.preset}, {cfg.dtype}; median of {args.reps} after "
+                f"{args.warmup} warm-up)", ["shape", "path", "first no-grad ms", "first fwd+bwd ms", "no-grad ms",
+                                            "fwd+bwd ms"], rows)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         for name, shape in SHAPES.items():
             b = make_batch(*(shape if not args.smoke else (2, 4, 64, 8)), 128, device, 99)
             with profile(activities=acts) as prof:
                 logp, _, aux = target_logprobs(model, b.model_batch, chunk_size=4096, share_prefixes=True)
                 (logp.sum() + aux).backward()
-                sync()
+                sync(device)
             model.zero_grad(set_to_none=True)
-            for key in ("cpu_time_total", "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"):
+            for key in ("cpu_time_total", "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"):
                 print(f"\n#### {name}, shared prefix fwd+bwd, top ops by {key}\n")
                 print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60))
 
