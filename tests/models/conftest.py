@@ -45,6 +45,23 @@ def rel_err_fn():
     return rel_err
 
 
+def moe_run(moe, x: torch.Tensor, grouped: bool):
+    """A SparseMoE's output, input gradient and every parameter gradient (zeros where an expert
+    got no token) with the grouped-GEMM path on or off, under a fixed non-uniform loss."""
+    moe.grouped_gemm = grouped
+    moe.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_()
+    y, _ = moe(x)
+    (y.float() * torch.linspace(-1, 1, y.numel(), device=y.device).reshape(y.shape)).sum().backward()
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in moe.parameters()]
+    return y.detach(), x.grad, grads
+
+
+@pytest.fixture(name="moe_run")
+def moe_run_fn():
+    return moe_run
+
+
 @pytest.fixture
 def model_pair(tmp_path):
     """(ours, transformers') with identical weights (through transformers' files), eval mode."""

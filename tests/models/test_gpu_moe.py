@@ -14,23 +14,14 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _run(moe, x, grouped):
-    moe.grouped_gemm = grouped
-    moe.zero_grad(set_to_none=True)
-    x = x.detach().requires_grad_()
-    y, _ = moe(x)
-    (y.float() * torch.linspace(-1, 1, y.numel(), device=y.device).reshape(y.shape)).sum().backward()
-    return y.detach().float(), x.grad.float(), [p.grad.float() for p in moe.parameters()]
-
-
-def test_grouped_gemm_is_auto_on_and_matches_loop_in_bf16():
+def test_grouped_gemm_is_auto_on_and_matches_loop_in_bf16(moe_run):
     cfg = preset_config("small-hybrid", vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
     moe = SparseMoE(cfg).to("cuda", torch.bfloat16)
     x = torch.randn(16, 64, cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
     moe.grouped_gemm = None
     assert moe.grouped(x.reshape(-1, cfg.hidden_size))  # auto: on for bf16 here
-    got, ref = _run(moe, x, True), _run(moe, x, False)
-    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    got, ref = moe_run(moe, x, True), moe_run(moe, x, False)
+    rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
     assert rel(got[0], ref[0]) < 1e-2 and rel(got[1], ref[1]) < 1e-2
     assert max(rel(a, b) for a, b in zip(got[2], ref[2])) < 2e-2

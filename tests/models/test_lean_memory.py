@@ -70,20 +70,9 @@ def test_moe_token_slices_keep_logits_and_grads(tiny_config, monkeypatch, checkp
 _MIX = SparseMoE.mix
 
 
-def _moe_run(moe: SparseMoE, x: torch.Tensor, grouped: bool):
-    """Output, input gradient and every parameter gradient (zeros where an expert got no token)."""
-    moe.grouped_gemm = grouped
-    moe.zero_grad(set_to_none=True)
-    x = x.detach().requires_grad_()
-    y, _ = moe(x)
-    (y.float() * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
-    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in moe.parameters()]
-    return y.detach(), x.grad, grads
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("route", ["learned", "two_experts"])
-def test_moe_grouped_gemm_equals_per_expert_loop(tiny_config, dtype, route):
+def test_moe_grouped_gemm_equals_per_expert_loop(tiny_config, moe_run, dtype, route):
     """The grouped-GEMM path (one `_grouped_mm` per projection, no host sync) gives the per-expert
     loop's output and gradients on the CPU (to matmul rounding: the kernels block the sums
     differently), also when experts get no token at all."""
@@ -96,8 +85,8 @@ def test_moe_grouped_gemm_equals_per_expert_loop(tiny_config, dtype, route):
     x = torch.randn(3, 37, tiny_config().hidden_size, dtype=dtype)
     if route == "two_experts":
         x = x.abs()
-    y_g, dx_g, g_g = _moe_run(moe, x, True)
-    y_l, dx_l, g_l = _moe_run(moe, x, False)
+    y_g, dx_g, g_g = moe_run(moe, x, True)
+    y_l, dx_l, g_l = moe_run(moe, x, False)
     torch.testing.assert_close(y_g, y_l)
     torch.testing.assert_close(dx_g, dx_l)
     for a, b in zip(g_g, g_l):
