@@ -20,6 +20,7 @@ import importlib
 import logging
 import math
 import multiprocessing as mp
+import multiprocessing.connection as mp_connection
 import re
 import threading
 import time
@@ -190,10 +191,12 @@ class RewardConfig:
 
 
 class _ThreadCall:
-    """One reward call in a daemon thread. `outcome` is ("ok", value) or ("error", message)."""
+    """One reward call in a daemon thread. `outcome` is ("ok", value) or ("error", message);
+    `done` is set once it is there (the runner waits on it instead of polling on a timer)."""
 
-    def __init__(self, fn: Callable[..., float], args: tuple, kwargs: dict) -> None:
+    def __init__(self, fn: Callable[..., float], args: tuple, kwargs: dict, done: threading.Event) -> None:
         self.outcome: Optional[tuple[str, Any]] = None
+        self._done = done
         self._thread = threading.Thread(target=self._run, args=(fn, args, kwargs), daemon=True)
 
     def _run(self, fn: Callable[..., float], args: tuple, kwargs: dict) -> None:
@@ -201,6 +204,8 @@ class _ThreadCall:
             self.outcome = ("ok", float(fn(*args, **kwargs)))
         except BaseException as exc:  # noqa: BLE001 - any failure of user code becomes a fallback
             self.outcome = ("error", f"{type(exc).__name__}: {exc}")
+        finally:
+            self._done.set()
 
     def start(self) -> None:
         self._thread.start()
@@ -224,8 +229,8 @@ def _child_main(conn: Any, fn: Callable[..., float], args: tuple, kwargs: dict) 
 class _ProcessCall:
     """One reward call in a forked child process, killed on timeout."""
 
-    def __init__(self, fn: Callable[..., float], args: tuple, kwargs: dict) -> None:
-        ctx = mp.get_context("fork")
+    def __init__(self, fn: Callable[..., float], args: tuple, kwargs: dict, done: threading.Event) -> None:
+        ctx = mp.get_context("fork")  # `done` is unused: the runner waits on the pipe instead
         self._recv, send = ctx.Pipe(duplex=False)
         self._send = send
         self._proc = ctx.Process(target=_child_main, args=(send, fn, args, kwargs), daemon=True)
@@ -234,6 +239,11 @@ class _ProcessCall:
     def start(self) -> None:
         self._proc.start()
         self._send.close()  # the parent keeps only the read end, so a dead child reads as EOF
+
+    @property
+    def reader(self) -> Any:
+        """The pipe's read end (readable when the child sent its outcome or died)."""
+        return self._recv
 
     def poll(self) -> Optional[tuple[str, Any]]:
         if self.outcome is None and self._recv.poll():
@@ -276,11 +286,12 @@ class RewardRunner:
                 f"{'no' if metas is None else len(metas)} metas — lengths must match"
             )
         call_cls = _ThreadCall if self.config.executor == "thread" else _ProcessCall
+        done = threading.Event()
         calls = [
-            call_cls(self.fn, (t, r), dict(metas[i]) if metas is not None else {})
+            call_cls(self.fn, (t, r), dict(metas[i]) if metas is not None else {}, done)
             for i, (t, r) in enumerate(zip(texts, references))
         ]
-        rewards, errors, timeouts = self._run_all(calls)
+        rewards, errors, timeouts = self._run_all(calls, done)
         self.total_errors += errors
         self.total_timeouts += timeouts
         metrics = {
@@ -290,8 +301,13 @@ class RewardRunner:
         }
         return rewards, metrics
 
-    def _run_all(self, calls: list) -> tuple[list[float], int, int]:
-        """Run calls with at most num_workers in flight, each bounded by timeout_s from its start."""
+    def _run_all(self, calls: list, done: threading.Event) -> tuple[list[float], int, int]:
+        """Run calls with at most num_workers in flight, each bounded by timeout_s from its start.
+
+        Between rounds the runner blocks until a call finishes (thread calls set `done`; a
+        process call's pipe becomes readable) or the oldest running call reaches its timeout.
+        It never sleeps on a fixed timer: a 1 ms poll per round was 0.2 s for 512 string
+        comparisons (an RL step's rewards), a fifth of a GRPO step on an H200."""
         cfg = self.config
         rewards: list[float] = [cfg.fallback] * len(calls)
         errors = timeouts = 0
@@ -302,7 +318,12 @@ class RewardRunner:
                 i = waiting.pop()
                 calls[i].start()
                 running[i] = time.monotonic()
-            time.sleep(0.001)  # rewards take ~ms; polling keeps both executors uniform
+            wait_s = max(0.0, min(running.values()) + cfg.timeout_s - time.monotonic())
+            if cfg.executor == "thread":
+                done.wait(wait_s)
+                done.clear()  # before polling: a call finishing after the poll sets it again
+            else:
+                mp_connection.wait([calls[i].reader for i in running], wait_s)
             for i, started in list(running.items()):
                 outcome = calls[i].poll()
                 if outcome is not None:
