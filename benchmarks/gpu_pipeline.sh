@@ -10,7 +10,10 @@
 #   lora      benchmarks/lora_vs_full.py (peak memory and step time, LoRA vs full)
 #   vs_trl    benchmarks/vs_trl.py --device cuda (VS_TRL_ARGS: e.g. --stages cispo grpo --budget 150)
 #   RECIPE    `posttrain run RECIPE` (a shipped name: gpu, gpu_split, ...): summary + metrics
-#   PART@N    PART in the background on GPU N alone (parts on different GPUs run at the same time)
+#   NAME=RECIPE  the same, named NAME (run dir, logs), with overrides from $RUN_ARGS_NAME: two
+#             variants of one recipe side by side, e.g. `gpu@0 gpu_b=gpu@1`
+#   PART@N    PART in the background on GPU N alone (parts on different GPUs run at the same time);
+#             A,B@N runs A then B there
 set -o pipefail
 OUT=${OUT:-$PWD/gpu_out}; mkdir -p "$OUT"
 REPO=$PWD
@@ -32,7 +35,7 @@ run_part() {
   echo "== $part $(date +%T) (CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-all})"
   case $part in
     gputests)
-      (cd /tmp/gt && timeout 300 python3 -m pytest -q -p no:cacheprovider --import-mode=importlib --rootdir /tmp/gt \
+      (cd /tmp/gt && timeout ${GPUTESTS_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider --import-mode=importlib --rootdir /tmp/gt \
         --durations=0 ${GPUTESTS:-tp/test_gpu_placement.py tp/test_learner.py} 2>&1 | tee "$OUT/gputests.log" | tail -30) ;;
     vs_trl)  # benchmarks/vs_trl.py on CUDA; runs and checkpoints stay in /tmp, the table comes back
       (cd /tmp && timeout ${VS_TRL_TIMEOUT:-420} python3 "$REPO/benchmarks/vs_trl.py" --device cuda ${VS_TRL_ARGS:-} \
@@ -46,18 +49,20 @@ run_part() {
       (cd /tmp && timeout 300 python3 "$REPO/benchmarks/lora_vs_full.py" ${LORA_ARGS:-} 2>&1 | grep --line-buffered -v Warning \
         | tee "$OUT/lora.log" | tail -20) ;;
     *)
-      (cd /tmp && timeout ${RUN_TIMEOUT:-420} python3 -m posttrain.cli run "$part" --overwrite run_dir=/tmp/runs/$part ${RUN_ARGS:-} \
-        > "$OUT/$part.log" 2>&1; echo "rc=$?"; grep -v "Warning\|warn(" "$OUT/$part.log" | tail -40)
-      tar cz -C /tmp/runs --exclude='*.safetensors' --exclude='*.pt' --exclude='state*' --exclude='checkpoint*' "$part" \
-        > "$OUT/$part.run.tgz" ;;
+      local name=${part%%=*} recipe=${part#*=} args_var=RUN_ARGS_${part%%=*}
+      local args=${!args_var:-${RUN_ARGS:-}}
+      (cd /tmp && timeout ${RUN_TIMEOUT:-420} python3 -m posttrain.cli run "$recipe" --overwrite run_dir=/tmp/runs/$name $args \
+        > "$OUT/$name.log" 2>&1; echo "rc=$?"; grep -v "Warning\|warn(" "$OUT/$name.log" | tail -40)
+      tar cz -C /tmp/runs --exclude='*.safetensors' --exclude='*.pt' --exclude='state*' --exclude='checkpoint*' "$name" \
+        > "$OUT/$name.run.tgz" ;;
   esac
   echo "== $part done $(date +%T)"
 }
-# PART@N runs in the background on GPU N only (e.g. `gpu@0 vs_trl@1` on a 2-GPU machine); the
+# PART@N runs in the background on GPU N only (e.g. `gpu@0 gputests,vs_trl@1` on a 2-GPU machine); the
 # others run one after another; the script waits for all
 for part in "$@"; do
   if [[ $part == *@* ]]; then
-    CUDA_VISIBLE_DEVICES=${part#*@} run_part "${part%@*}" &
+    (IFS=, read -ra seq <<< "${part%@*}"; for p in "${seq[@]}"; do CUDA_VISIBLE_DEVICES=${part#*@} run_part "$p"; done) &
   else
     run_part "$part"
   fi
