@@ -81,6 +81,11 @@ def user_module(tmp_path, monkeypatch):
             if completion_text == "hang":
                 time.sleep(30)
             return 1.0
+        def die(completion_text, reference, **meta):
+            if completion_text == "die":
+                import os
+                os._exit(3)
+            return 1.0
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
     return "my_rewards_mod"
@@ -122,3 +127,15 @@ def test_timeout_gives_fallback_and_is_counted(user_module, executor):
     assert rewards == [-2.0, 1.0, 1.0]
     assert metrics["reward/timeouts"] == 1.0 and metrics["reward/errors"] == 0.0
     assert time.monotonic() - start < 5.0
+
+
+def test_a_reward_process_that_dies_gives_fallback_and_is_counted(user_module):
+    """The runner waits on the children's pipes: a child that exits without an answer reads
+    as end-of-file, so the batch finishes at once instead of waiting for the timeout."""
+    runner = RewardRunner(RewardConfig(fn=f"{user_module}:die", fallback=-1.0, executor="process",
+                                       num_workers=2, timeout_s=20.0))
+    start = time.monotonic()
+    rewards, metrics = runner.score(["ok", "die", "ok"], ["x"] * 3)
+    assert rewards == [1.0, -1.0, 1.0]
+    assert metrics["reward/errors"] == 1.0 and metrics["reward/timeouts"] == 0.0
+    assert time.monotonic() - start < 10.0
