@@ -17,10 +17,33 @@ and draws the cells as a heatmap (depth down, length across).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 from posttrain.data.tasks.needle import cell_accuracy, has_cells, per_cell_limit, plot_cells
+
+
+@dataclass(frozen=True)
+class AlsoEval:
+    """Another synthetic task's held-out set, evaluated at every eval of the stage (the recipe's
+    `stages[i].eval.also[j]`): e.g. the short-context task during long-context SFT, so that
+    forgetting shows in the stage's own metrics (`eval.also.<task>`) instead of only when a later
+    stage trains on that task again. The task's files are the ones any stage with the same task
+    and arguments uses (the same held-out rows)."""
+
+    task: str
+    task_args: dict[str, Any] = field(default_factory=dict)
+    limit: Optional[int] = None  # the first N held-out rows (needle: spread over the cells)
+    max_new_tokens: Optional[int] = None  # greedy budget; default: the stage's eval.max_new_tokens
+
+    def __post_init__(self) -> None:
+        from posttrain.data.config import _known_task
+
+        _known_task(self.task, "task", self.task_args)
+        if self.limit is not None and not self.limit >= 1:
+            raise ValueError(f"limit: must be null or >= 1, got {self.limit}")
+        if self.max_new_tokens is not None and not self.max_new_tokens >= 1:
+            raise ValueError(f"max_new_tokens: must be null or >= 1, got {self.max_new_tokens}")
 
 
 @dataclass(frozen=True)
@@ -30,6 +53,7 @@ class EvalConfig:
     every: int = 0  # optimizer steps between evals; 0: only before the first and after the last step
     max_new_tokens: int = 16  # greedy decoding budget per eval prompt
     limit: Optional[int] = None  # evaluate the first N eval rows (needle: N spread over the cells)
+    also: list[AlsoEval] = field(default_factory=list)  # other tasks' held-out sets, one entry per task
 
     def __post_init__(self) -> None:
         if not self.every >= 0:
@@ -38,6 +62,10 @@ class EvalConfig:
             raise ValueError(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
         if self.limit is not None and not self.limit >= 1:
             raise ValueError(f"limit: must be null or >= 1, got {self.limit}")
+        tasks = [a.task for a in self.also]
+        for j, task in enumerate(tasks):
+            if task in tasks[:j]:
+                raise ValueError(f"also[{j}].task: {task!r} is already in eval.also (one entry per task)")
 
 
 def greedy_hits(ctx: Any, learners: Any, records: Sequence[Any], check: Callable[[str, str], bool],

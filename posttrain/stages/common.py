@@ -147,6 +147,23 @@ def task_files(ctx: StageContext, data: DataConfig) -> dict[str, Path]:
     return {k: Path(v) for k, v in files.items()}
 
 
+def also_evals(ctx: StageContext, learners: Learners, cfg: EvalConfig, *, stage: str, step: int) -> dict[str, Any]:
+    """eval.also: each other task's held-out accuracy with the stage's current weights,
+    {"also": {task: {"accuracy", "n"[, "needle"]}}}; {} when eval.also is empty. The rows are
+    the task's rl_eval file (prompt + answer), else its sft_eval file."""
+    from posttrain.data import load_records
+    from posttrain.evals import held_out_eval
+
+    out: dict[str, Any] = {}
+    for a in cfg.also:
+        files = task_files(ctx, DataConfig(task=a.task, task_args=a.task_args))
+        fmt = "rl" if "rl_eval" in files else "prompt_completion"
+        records = load_records(files["rl_eval" if fmt == "rl" else "sft_eval"], fmt).records
+        sub = dataclasses.replace(cfg, limit=a.limit, max_new_tokens=a.max_new_tokens or cfg.max_new_tokens, also=[])
+        out[a.task] = held_out_eval(ctx, learners, records, a.task, sub, stage=f"{stage}-also-{a.task}", step=step)
+    return {"also": out} if out else {}
+
+
 def resolve_data_paths(ctx: StageContext, data: DataConfig, role: str) -> tuple[Path, Optional[Path]]:
     """(train, eval) files: explicit paths win; else the task's files for `role` (e.g. "sft")."""
     files = task_files(ctx, data) if data.task else {}

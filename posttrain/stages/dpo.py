@@ -34,8 +34,8 @@ from posttrain.learner import Learners
 from posttrain.objectives import DPOObjective, PreferenceLoss, SigmoidDPOLoss, StepCounts
 from posttrain.progress import stage_progress
 from posttrain.stages.common import (
-    BatchConfig, StageConfig, StageContext, batch_indices, end_of_step, finish_stage, micro_batches, resume_step,
-    task_files,
+    BatchConfig, StageConfig, StageContext, also_evals, batch_indices, end_of_step, finish_stage, micro_batches,
+    resume_step, task_files,
 )
 from posttrain.stages.dpo_pairs import (
     Pair, PairsConfig, compute_reference, encode_pairs, fingerprint, generate_pair_rows, preference_batch,
@@ -107,6 +107,7 @@ def run_dpo(ctx: StageContext, cfg: DPOStageConfig, learners: Learners) -> dict[
     def evaluate(step: int) -> dict[str, Any]:
         metrics = held_out_eval(ctx, learners, task_records, cfg.data.task, cfg.eval, stage=cfg.name, step=step)
         metrics.update(preference_eval(learners, objective, eval_pairs, pad_id, cfg.batch.micro_size, pack_len))
+        metrics.update(also_evals(ctx, learners, cfg.eval, stage=cfg.name, step=step))
         ctx.logger.log(cfg.name, "eval", step, metrics)
         return metrics
 

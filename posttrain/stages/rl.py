@@ -53,7 +53,7 @@ from posttrain.rollout import (
     Completion, RewardConfig, RewardRunner, RolloutBatch, RolloutConfig, SamplingConfig, SamplingParams,
 )
 from posttrain.stages.common import (
-    StageConfig, StageContext, batch_indices, end_of_step, finish_stage, load_split, micro_batches,
+    StageConfig, StageContext, also_evals, batch_indices, end_of_step, finish_stage, load_split, micro_batches,
     resolve_data_paths, resume_step,
 )
 
@@ -199,6 +199,7 @@ def run_rl(ctx: StageContext, cfg: RLStageConfig, learners: Learners) -> dict[st
 
     def evaluate(step: int) -> dict[str, Any]:
         metrics = held_out_eval(ctx, learners, eval_records, cfg.data.task, cfg.eval, stage=cfg.name, step=step)
+        metrics.update(also_evals(ctx, learners, cfg.eval, stage=cfg.name, step=step))
         ctx.logger.log(cfg.name, "eval", step, metrics)
         return metrics
 

@@ -26,7 +26,7 @@ from posttrain.learner import Learners
 from posttrain.objectives import SFTObjective, StepCounts
 from posttrain.progress import stage_progress
 from posttrain.stages.common import (
-    BatchConfig, StageConfig, StageContext, batch_indices, end_of_step, finish_stage, load_split,
+    BatchConfig, StageConfig, StageContext, also_evals, batch_indices, end_of_step, finish_stage, load_split,
     micro_batches, resolve_data_paths, resume_step,
 )
 
@@ -72,6 +72,7 @@ def run_sft(ctx: StageContext, cfg: SFTStageConfig, learners: Learners) -> dict[
         # exact match; long-context retrieval rows: accuracy per (length, depth) + heatmap
         metrics = held_out_eval(ctx, learners, eval_records, cfg.data.task, cfg.eval, stage=cfg.name, step=step)
         metrics.update(eval_loss(ctx, cfg, learners, objective, eval_records))
+        metrics.update(also_evals(ctx, learners, cfg.eval, stage=cfg.name, step=step))
         ctx.logger.log(cfg.name, "eval", step, metrics)
         return metrics
 

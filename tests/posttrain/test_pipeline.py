@@ -29,7 +29,10 @@ stages:
     optim: {{lr: 3.0e-3, betas: [0.9, 0.95]}}
     schedule: {{kind: cosine, warmup_steps: 10}}
     batch: {{global_size: 64, micro_size: 32}}
-    eval: {{every: 0, max_new_tokens: 6}}
+    # eval.also on the stage's own task: its rl_eval rows are the sft_eval problems, so the extra
+    # eval must report exactly the stage's accuracy (same weights, rows, greedy decoding)
+    eval: {{every: 0, max_new_tokens: 6,
+            also: [{{task: arithmetic, task_args: {{n_train: 6000, n_eval: 300, min_digits: 1, max_digits: 2}}}}]}}
     checkpoint: {{every: {every}}}
 """
 
@@ -64,6 +67,9 @@ def test_sft_learns_and_writes_outputs(tmp_path):
     assert after["accuracy"] >= 0.03, after
     assert after["loss"] < 0.6 * before["loss"]
     assert summary["stages"][0]["eval"]["accuracy"] == after["accuracy"]
+    for e in (before, after):
+        assert e["also"]["arithmetic"] == {"accuracy": e["accuracy"], "n": 300}
+    assert summary["stages"][0]["eval"]["also"]["arithmetic"]["accuracy"] == after["accuracy"]
     final = run_dir / "stages" / "00-sft" / "final"
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
