@@ -229,8 +229,8 @@ def _child_main(conn: Any, fn: Callable[..., float], args: tuple, kwargs: dict) 
 class _ProcessCall:
     """One reward call in a forked child process, killed on timeout."""
 
-    def __init__(self, fn: Callable[..., float], args: tuple, kwargs: dict, done: threading.Event) -> None:
-        ctx = mp.get_context("fork")  # `done` is unused: the runner waits on the pipe instead
+    def __init__(self, fn: Callable[..., float], args: tuple, kwargs: dict) -> None:
+        ctx = mp.get_context("fork")
         self._recv, send = ctx.Pipe(duplex=False)
         self._send = send
         self._proc = ctx.Process(target=_child_main, args=(send, fn, args, kwargs), daemon=True)
@@ -285,12 +285,15 @@ class RewardRunner:
                 f"RewardRunner.score: {len(texts)} texts, {len(references)} references, "
                 f"{'no' if metas is None else len(metas)} metas — lengths must match"
             )
-        call_cls = _ThreadCall if self.config.executor == "thread" else _ProcessCall
-        done = threading.Event()
-        calls = [
-            call_cls(self.fn, (t, r), dict(metas[i]) if metas is not None else {}, done)
-            for i, (t, r) in enumerate(zip(texts, references))
-        ]
+        done = threading.Event()  # set by thread calls as they finish; process calls have their pipes
+
+        def call(args: tuple, kwargs: dict) -> Any:
+            if self.config.executor == "thread":
+                return _ThreadCall(self.fn, args, kwargs, done)
+            return _ProcessCall(self.fn, args, kwargs)
+
+        calls = [call((t, r), dict(metas[i]) if metas is not None else {})
+                 for i, (t, r) in enumerate(zip(texts, references))]
         rewards, errors, timeouts = self._run_all(calls, done)
         self.total_errors += errors
         self.total_timeouts += timeouts
