@@ -202,6 +202,19 @@ class Placement:
             self.group = None
 
 
+def death_cause(error: BaseException, limit: int = 300) -> str:
+    """One line on why a Ray actor died: the exception its constructor raised, or Ray's exit
+    detail for a process that ended (killed, out of memory, a crash)."""
+    text = getattr(error, "error_msg", None) or str(error)
+    if getattr(error, "_actor_init_failed", False):  # the traceback of the creation task: its last line
+        lines = [x.strip() for x in text.splitlines() if x.strip()]
+        cause = f"its constructor raised {lines[-1]}" if lines else "its constructor raised"
+    else:
+        m = re.search(r"Worker exit type: (\S+) Worker exit detail: ([^.]*\.)", text)
+        cause = f"{m.group(1)}: {m.group(2)}" if m else " ".join(text.split())
+    return cause if len(cause) <= limit else cause[:limit - 3] + "..."
+
+
 class LearnerLost(RuntimeError):
     """A learner rank died: the stage stops (its ranks cannot go on without it: they wait in the
     collectives) and the run resumes from the last complete state with --resume."""
@@ -257,8 +270,8 @@ class LearnerGroup:
             except ray.exceptions.RayActorError as e:
                 who = (f"rank {refs.index(ready[0])}" if ready[0] in refs and len(refs) == len(self.actors)
                        else "rank 0" if ready[0] in refs else "a rank")
-                raise LearnerLost(f"learner {who} died ({type(e).__name__}); the stage stopped. Its last "
-                                  f"complete state is kept: run again with --resume to continue from it") from None
+                raise LearnerLost(f"learner {who} died ({type(e).__name__}: {death_cause(e)}); the stage stopped. "
+                                  f"Its last complete state is kept: run again with --resume to continue from it") from None
         return ray.get(list(refs))
 
     def _all(self, method: str, *args: Any) -> list[Any]:

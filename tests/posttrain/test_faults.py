@@ -152,3 +152,28 @@ def test_half_written_state_is_never_the_latest(tmp_path):
 
     assert latest_state(SimpleNamespace(state_root=root)) == good
     assert not temp.exists()  # temp dirs of an interrupted write are deleted
+
+
+class _Dies:
+    def __init__(self, how: str):
+        if how == "raise":
+            raise OSError("[Errno 98] Address already in use")
+
+    def exit(self) -> None:
+        os._exit(3)
+
+
+def test_a_dead_actor_is_reported_with_its_cause(ray_local):
+    """LearnerLost's one line says why the rank died: the constructor's exception, or how the
+    process ended."""
+    from posttrain.cluster import death_cause
+
+    ray = ray_local
+    causes = []
+    for how in ("raise", "exit"):
+        actor = ray.remote(num_cpus=0)(_Dies).remote(how)
+        with pytest.raises(ray.exceptions.RayActorError) as e:
+            ray.get(actor.exit.remote())
+        causes.append(death_cause(e.value))
+    assert causes[0] == "its constructor raised OSError: [Errno 98] Address already in use", causes
+    assert causes[1].startswith("SYSTEM_ERROR: ") and "\n" not in causes[1], causes
