@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Literal, Optional, Sequence
 
 from posttrain.models import ModelConfig
+from posttrain.rendezvous import forget_rendezvous, node_ip, rendezvous_key
 from posttrain.objectives.common import Objective, StepCounts
 
 # `auto`, `host:port` or `ray://host:port` (Ray Client); the host a name or an IPv4 address.
@@ -100,19 +100,6 @@ def stop_ray() -> None:
         ray.shutdown()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
-def _node_address() -> tuple[str, int]:
-    """(this node's IP, a free port on it): where the ranks of a process group meet."""
-    import ray
-
-    return ray.util.get_node_ip_address(), _free_port()
-
-
 # GPU shares within one bundle (one GPU): colocated, a learner rank, its rollout worker and a
 # frozen reference policy (KL) share the GPU; split, the reference shares the learner's GPU.
 _SHARES = {("colocated", "learner"): 0.5, ("colocated", "rollout"): 0.25, ("colocated", "reference"): 0.25,
@@ -185,13 +172,13 @@ class Placement:
         cpus = 0.0 if self.mode == "colocated" else c.cpus_per_rollout_worker  # colocated: in the learner's bundle
         return {"num_cpus": cpus, "num_gpus": _SHARES[(self.mode, "rollout")], **self._strategy(bundle)}
 
-    def master(self) -> tuple[str, int]:
-        """(IP, free port) on the node of learner rank 0's bundle: where the ranks meet."""
+    def master(self) -> str:
+        """The IP of the node of learner rank 0's bundle: where the ranks meet."""
         import ray
 
         if self.group is None:
-            return "127.0.0.1", _free_port()
-        task = ray.remote(num_cpus=0)(_node_address).options(**self._strategy(0))
+            return "127.0.0.1"
+        task = ray.remote(num_cpus=0)(node_ip).options(**self._strategy(0))
         return ray.get(task.remote())
 
     def remove(self) -> None:
@@ -240,12 +227,13 @@ class LearnerGroup:
         world = cluster.learners
         self._own_placement = placement is None
         self.placement = placement or Placement(cluster)
-        addr, port = self.placement.master() if role == "learner" else ("127.0.0.1", _free_port())
+        addr = self.placement.master() if role == "learner" else "127.0.0.1"
+        self._rendezvous = rendezvous_key(f"learners-{role}")
         threads = cluster.torch_threads
         self.actors = [
             ray.remote(Learner).options(**self.placement.learner(rank, role)).remote(
-                model_cfg, init_path, token_ids=token_ids, seed=seed, dist=DistInfo(rank, world, addr, port),
-                threads=threads)
+                model_cfg, init_path, token_ids=token_ids, seed=seed,
+                dist=DistInfo(rank, world, addr, rendezvous=self._rendezvous), threads=threads)
             for rank in range(world)
         ]
         self.world_size = world
@@ -340,6 +328,7 @@ class LearnerGroup:
         for a in self.actors:
             ray.kill(a)
         self.actors = []
+        forget_rendezvous(self._rendezvous)
         if self._own_placement:
             self.placement.remove()
 

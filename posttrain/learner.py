@@ -128,7 +128,8 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     master_addr: str = "127.0.0.1"
-    master_port: int = 29500
+    master_port: int = 29500  # used when rendezvous is None (a Learner outside Ray)
+    rendezvous: Optional[str] = None  # Ray actors: rank 0 binds a port itself and publishes it (cluster.rendezvous_store)
 
 
 def lr_lambda(schedule: ScheduleConfig, total_steps: int) -> Callable[[int], float]:
@@ -159,12 +160,22 @@ def init_distributed(dist: DistInfo) -> None:
     # device index is 0 whatever its global rank: DeepSpeed binds the device from LOCAL_RANK.
     cuda = torch.cuda.is_available()
     local = bind_device().index if cuda else dist.rank
+    backend = "nccl" if cuda else "gloo"
+    store, port = None, dist.master_port
+    if dist.rendezvous is not None:
+        from posttrain.rendezvous import rendezvous_store
+
+        store = rendezvous_store(dist.rendezvous, dist.master_addr, dist.rank, dist.world_size)
+        port = store.port
     os.environ.update(
-        MASTER_ADDR=dist.master_addr, MASTER_PORT=str(dist.master_port),
+        MASTER_ADDR=dist.master_addr, MASTER_PORT=str(port),
         RANK=str(dist.rank), WORLD_SIZE=str(dist.world_size), LOCAL_RANK=str(local),
         LOCAL_WORLD_SIZE=str(1 if cuda else dist.world_size),
     )
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if store is not None:  # DeepSpeed adopts a default group that exists (as it would build it: a
+        # bound device on CUDA when there are peers, so NCCL sets up its communicator eagerly)
+        bound = {"device_id": torch.device("cuda", local)} if cuda and dist.world_size > 1 else {}
+        tdist.init_process_group(backend, store=store, rank=dist.rank, world_size=dist.world_size, **bound)
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
 
 

@@ -165,15 +165,17 @@ def _sizes(bucket: list[tuple[str, list[int], str]]) -> dict[str, int]:
 
 # --------------------------------------------------- process-group broadcast (split mode)
 @own_gathers
-def join_weight_group(model: Any, name: str, addr: str, port: int, rank: int, world: int) -> None:
-    """Join (or re-join) weight group `name`: rank 0 is learner rank 0, ranks 1.. the rollout
-    workers. Its own store and communicator, beside DeepSpeed's default group; NCCL on CUDA,
-    gloo on CPU."""
+def join_weight_group(model: Any, name: str, addr: str, key: str, rank: int, world: int) -> None:
+    """Join (or re-join) weight group `name`: rank 0 is learner rank 0 (on node `addr`), ranks
+    1.. the rollout workers, meeting through rendezvous `key`. Its own store and communicator,
+    beside DeepSpeed's default group; NCCL on CUDA, gloo on CPU."""
     import datetime
 
     import torch.distributed as tdist
 
-    store = tdist.TCPStore(addr, port, world, is_master=rank == 0, timeout=datetime.timedelta(seconds=300))
+    from posttrain.rendezvous import rendezvous_store
+
+    store = rendezvous_store(key, addr, rank, world, timeout_s=300)
     if torch.cuda.is_available():
         group = tdist.ProcessGroupNCCL(store, rank, world)
     else:
@@ -221,10 +223,10 @@ def broadcast_receive(model: torch.nn.Module, name: str, plan: list[list[tuple[s
 
 
 @own_gathers
-def _node_address(model: Any) -> tuple[str, int]:
-    from posttrain.cluster import _node_address as here
+def _node_ip(model: Any) -> str:
+    from posttrain.rendezvous import node_ip
 
-    return here()
+    return node_ip()
 
 
 class _FlatBucketSync:
@@ -258,12 +260,15 @@ class BroadcastWeightSync(_FlatBucketSync):
     def _join(self) -> None:
         import ray
 
-        addr, port = self.learners.call_rank0(_node_address)
+        from posttrain.rendezvous import forget_rendezvous, rendezvous_key
+
+        addr, key = self.learners.call_rank0(_node_ip), rendezvous_key(self._name)
         world = 1 + len(self.rollouts)
-        refs = [self.learners.call_rank0_alone_async(join_weight_group, self._name, addr, port, 0, world)]
-        refs += [a.call.remote(join_weight_group, self._name, addr, port, 1 + i, world)
+        refs = [self.learners.call_rank0_alone_async(join_weight_group, self._name, addr, key, 0, world)]
+        refs += [a.call.remote(join_weight_group, self._name, addr, key, 1 + i, world)
                  for i, a in enumerate(self.rollouts.actors)]
         ray.get(refs)
+        forget_rendezvous(key)  # every rank has joined: the store is connected
         self._joined = True
 
     def push(self, version: int, workers: Optional[Sequence[int]] = None) -> dict[str, float]:

@@ -114,6 +114,34 @@ def test_placement_refuses_what_the_cluster_cannot_hold(probe):
     assert "needs 5 GPUs" in split and "has 4" in split
 
 
+def _meet(key: str, rank: int, delay: float) -> tuple[int, str]:
+    from posttrain.rendezvous import rendezvous_store
+
+    time.sleep(delay)
+    store = rendezvous_store(key, "127.0.0.1", rank, 2, timeout_s=60)
+    store.set(f"from-{rank}", str(rank))
+    return store.port, store.get(f"from-{1 - rank}").decode()
+
+
+def test_rendezvous_rank0_binds_its_own_port_and_the_others_find_it(ray_local):
+    """Ranks meet without a port chosen in advance: rank 0 opens the store on a port the kernel
+    picks at bind time and publishes it; a rank that starts first waits for it; the driver
+    forgets the key when the group is done."""
+    from ray.experimental import internal_kv
+
+    from posttrain.rendezvous import _RENDEZVOUS_NS, forget_rendezvous, rendezvous_key
+
+    ray = ray_local
+    key = rendezvous_key("test")
+    meet = ray.remote(num_cpus=0)(_meet)
+    late0, early1 = meet.remote(key, 0, 2.0), meet.remote(key, 1, 0.0)  # rank 1 asks before rank 0 exists
+    (port0, got0), (port1, got1) = ray.get([late0, early1])
+    assert port0 == port1 > 0 and (got0, got1) == ("1", "0")
+    assert int(internal_kv._internal_kv_get(key, namespace=_RENDEZVOUS_NS)) == port0
+    forget_rendezvous(key)
+    assert internal_kv._internal_kv_get(key, namespace=_RENDEZVOUS_NS) is None
+
+
 # ------------------------------------------------------------------ two nodes, one machine
 RECIPE = """
 name: nodes
