@@ -8,6 +8,8 @@
 #   gputests  the GPU tests: placement + CUDA IPC / NCCL syncs, multi-rank learners (NCCL)
 #   rl_learner benchmarks/rl_learner_gpu.py --profile (RL learner micro-batch: shared prefix vs full forward)
 #   lora      benchmarks/lora_vs_full.py (peak memory and step time, LoRA vs full)
+#   decode    benchmarks/gpu_decode.py (DECODE_ARGS: e.g. --contexts 4096 --batches 1 64): native eager,
+#             native with cuda_graphs, transformers
 #   vs_trl    benchmarks/vs_trl.py --device cuda (VS_TRL_ARGS: e.g. --stages cispo grpo --budget 150)
 #   RECIPE    `posttrain run RECIPE` (a shipped name: gpu, gpu_split, ...): summary + metrics
 #   NAME=RECIPE  the same, named NAME (run dir, logs), with overrides from $RUN_ARGS_NAME: two
@@ -29,7 +31,7 @@ pack_cache() { (cd /tmp && { find tcache -name '*.autotune.json'; find tcache -n
 trap pack_cache EXIT
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 # tests run from a copy outside any dir named posttrain, against the installed package
-rm -rf /tmp/gt && mkdir -p /tmp/gt && cp -r tests/conftest.py tests/posttrain /tmp/gt/ && mv /tmp/gt/posttrain /tmp/gt/tp && cp -r tests/models /tmp/gt/tm
+rm -rf /tmp/gt && mkdir -p /tmp/gt && cp -r tests/conftest.py tests/posttrain /tmp/gt/ && mv /tmp/gt/posttrain /tmp/gt/tp && cp -r tests/models /tmp/gt/tm && cp -r tests/rollout /tmp/gt/tr
 run_part() {
   local part=$1
   echo "== $part $(date +%T) (CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-all})"
@@ -45,6 +47,9 @@ run_part() {
     rl_learner)  # benchmarks/rl_learner_gpu.py: shared-prefix vs full forward of one RL micro-batch + profile
       (cd /tmp && timeout ${RL_LEARNER_TIMEOUT:-240} python3 "$REPO/benchmarks/rl_learner_gpu.py" --profile 2>&1 \
         | grep --line-buffered -v Warning > "$OUT/rl_learner.log"; grep -A8 "^### RL" "$OUT/rl_learner.log") ;;
+    decode)
+      (cd /tmp && timeout ${DECODE_TIMEOUT:-300} python3 "$REPO/benchmarks/gpu_decode.py" ${DECODE_ARGS:-} 2>&1 \
+        | grep --line-buffered -v Warning | tee "$OUT/decode.log" | tail -16) ;;
     lora)
       (cd /tmp && timeout 300 python3 "$REPO/benchmarks/lora_vs_full.py" ${LORA_ARGS:-} 2>&1 | grep --line-buffered -v Warning \
         | tee "$OUT/lora.log" | tail -20) ;;

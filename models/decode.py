@@ -28,7 +28,7 @@ import torch
 from posttrain.models.hybrid import LINEAR, HybridForCausalLM, rope_cos_sin
 from posttrain.models.varlen import cu_seqlens_from_lengths
 
-__all__ = ["SlotState", "DecodeCache", "prefill", "prefill_many", "decode_step"]
+__all__ = ["SlotState", "DecodeCache", "prefill", "prefill_many", "decode_step", "decode_step_static"]
 
 
 @dataclass
@@ -262,3 +262,58 @@ def _softmax_step(attn, x, cos, sin, k_cache, v_cache, idx, pos, mask, everyone:
     else:
         keys, values = k_cache[idx, :, :L], v_cache[idx, :, :L]  # [n, Hkv, L, D]
     return attn.attend_one(q, keys.to(q.dtype), values.to(q.dtype), mask)
+
+
+@torch.no_grad()
+def decode_step_static(
+    model: HybridForCausalLM, tokens: torch.Tensor, cache: DecodeCache, active: torch.Tensor
+) -> torch.Tensor:
+    """`decode_step` with fixed shapes and no host synchronisation: what a CUDA graph can
+    capture once per cache and replay every step (rollout/native.py, `cuda_graphs`).
+
+    tokens long `[S]`, active bool `[S]` -> logits fp32 `[S, V]`. Every slot is computed; an
+    inactive slot's row is meaningless, its length does not move, and the states it holds
+    change (a free slot's are overwritten by the next `insert`). Softmax layers attend over
+    the whole cache under a mask (positions <= the slot's length), not over the longest filled
+    prefix. The MoE routes on the device: the grouped GEMMs where they run, else every expert
+    on every token weighted by the router's top-k (zero for the others). Unlike decode_step it
+    cannot check that an active slot has room: the caller keeps length < max_len.
+    """
+    S = cache.num_slots
+    if tokens.shape != (S,) or active.shape != (S,):
+        raise ValueError(f"decode_step_static: tokens and active must be [S={S}], got {tuple(tokens.shape)}, "
+                         f"{tuple(active.shape)}")
+    base = model.model
+    pos = cache.lengths  # [S]
+    h = base.embed_tokens(tokens)  # [S, hidden]
+    cos, sin = rope_cos_sin(model.config, pos[:, None], h.dtype)  # [S, 1, D]
+    mask = torch.arange(cache.max_len, device=pos.device)[None, :] <= pos[:, None]  # [S, max_len]
+    rows = torch.arange(S, device=pos.device)
+    for i, layer in enumerate(base.layers):
+        x = layer.input_layernorm(h)
+        if i in cache.linear:
+            attn_out = layer.self_attn.step_(x, cache.linear[i])
+        else:
+            attn = layer.self_attn
+            q, k, v = attn.project(x[:, None], cos, sin)  # q [S, H, 1, D], k, v [S, Hkv, 1, D]
+            cache.k[i][rows, :, pos] = k[:, :, 0].to(cache.k[i].dtype)
+            cache.v[i][rows, :, pos] = v[:, :, 0].to(cache.v[i].dtype)
+            attn_out = attn.attend_one(q, cache.k[i].to(q.dtype), cache.v[i].to(q.dtype), mask)
+        h = layer.post_attention_layernorm(layer.residual_attn(x, attn_out))
+        h = h * layer.mlp_alpha + _moe_on_device(layer.block_sparse_moe, h) * layer.mlp_beta
+    logits = model.logits(base.norm(h)).float()  # [S, V]
+    cache.lengths.add_(active.to(cache.lengths.dtype))
+    return logits
+
+
+def _moe_on_device(moe, x: torch.Tensor) -> torch.Tensor:
+    """The MoE of x `[n, hidden]` without reading expert counts back to the host."""
+    _, weights, chosen = moe.route(x)
+    if moe.grouped(x):
+        return moe.mix(x, weights, chosen)
+    dense = torch.zeros(x.shape[0], len(moe.experts), dtype=weights.dtype, device=x.device)
+    dense.scatter_(1, chosen, weights)  # [n, E]: the top-k weights, 0 for the other experts
+    out = torch.zeros_like(x)
+    for e, expert in enumerate(moe.experts):  # expert order: decode_step's sum order per token
+        out += (expert(x) * dense[:, e : e + 1]).to(x.dtype)
+    return out

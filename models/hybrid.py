@@ -317,10 +317,7 @@ class SparseMoE(nn.Module):
         if self.training and self.jitter > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         flat = x.reshape(-1, shape[-1])  # [N, hidden]
-        logits = self.gate(flat)  # [N, E]
-        probs = torch.softmax(logits.float(), dim=-1)
-        weights, chosen = probs.topk(self.top_k, dim=-1)  # [N, k]
-        weights = weights / weights.sum(-1, keepdim=True)
+        logits, weights, chosen = self.route(flat)
         N, C = flat.shape[0], self.token_chunk
         if N <= C:
             return self.mix(flat, weights, chosen).reshape(shape), logits
@@ -331,6 +328,14 @@ class SparseMoE(nn.Module):
             for lo in range(0, N, C)
         ]
         return torch.cat(outs).reshape(shape), logits
+
+    def route(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """flat `[N, hidden]` -> (router logits `[N, E]`, top-k weights fp32 renormalised and
+        expert ids `[N, k]`)."""
+        logits = self.gate(flat)
+        probs = torch.softmax(logits.float(), dim=-1)
+        weights, chosen = probs.topk(self.top_k, dim=-1)
+        return logits, weights / weights.sum(-1, keepdim=True), chosen
 
     def grouped(self, flat: torch.Tensor) -> bool:
         """Whether `mix` runs all experts as three grouped GEMMs (`torch._grouped_mm`). Needs plain
@@ -359,8 +364,10 @@ class SparseMoE(nn.Module):
         out = torch.zeros_like(flat)
         if self.grouped(flat):
             # No host sync and ~10 launches per layer instead of ~10 per expert: the group
-            # offsets stay on the device. Same sorted order, so the same sum order on the CPU.
-            ends = torch.cumsum(torch.bincount(assigned, minlength=len(self.experts)), 0).to(torch.int32)
+            # offsets stay on the device (counted with scatter_add_: CUDA's bincount reads the
+            # largest id back to size its output). Same sorted order, so the same sum order on the CPU.
+            counts = torch.zeros(len(self.experts), dtype=torch.long, device=flat.device)
+            ends = torch.cumsum(counts.scatter_add_(0, assigned, torch.ones_like(assigned)), 0).to(torch.int32)
             xs = flat.index_select(0, tok)  # [n*k, hidden]
             e0 = self.experts[0]
             h = e0.act(_grouped_linear(xs, [e.w1.weight for e in self.experts], ends)) * _grouped_linear(

@@ -26,7 +26,7 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
-from posttrain.models.decode import DecodeCache, SlotState, decode_step, prefill_many
+from posttrain.models.decode import DecodeCache, SlotState, decode_step, decode_step_static, prefill_many
 from posttrain.models.hybrid import HybridForCausalLM
 from posttrain.rollout.sampling import request_generator, sample_tokens
 from posttrain.rollout.types import Completion, FinishReason, SamplingParams
@@ -70,12 +70,14 @@ class NativeEngine:
     longest prompt + max_new_tokens. A sample that fills its slot ends with "length".
     """
 
-    def __init__(self, model: HybridForCausalLM, num_slots: int = 32, max_len: Optional[int] = None) -> None:
+    def __init__(self, model: HybridForCausalLM, num_slots: int = 32, max_len: Optional[int] = None,
+                 cuda_graphs: bool = False) -> None:
         if num_slots < 1:
             raise ValueError(f"NativeEngine: num_slots must be >= 1, got {num_slots}")
         self.model = model.eval()
         self.num_slots = num_slots
         self.max_len = max_len
+        self.cuda_graphs = cuda_graphs  # on a CUDA device: decode steps replayed as one CUDA graph
         self.policy_version = 0
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -90,17 +92,52 @@ class NativeEngine:
         too_long = [i for i, p in enumerate(prompts) if len(p) >= max_len]
         if too_long:
             raise ValueError(f"native engine: prompts {too_long[:5]} have >= max_len={max_len} tokens")
-        return _Run(self.model, self.num_slots, max_len, prompts, params).run()
+        graphs = self.cuda_graphs and self.model.device.type == "cuda"
+        return _Run(self.model, self.num_slots, max_len, prompts, params, cuda_graph=graphs).run()
+
+
+class GraphedDecode:
+    """`decode_step_static` on one cache, captured once as a CUDA graph and replayed per step:
+    one launch for the whole step instead of a few hundred small kernels (small-hybrid's eager
+    decode step is bound by their launches on an H200: ~35 ms, docs/benchmarks.md).
+
+    Build it on a cache no slot has been inserted into yet: the warm-up steps before the capture
+    (kernel autotuning and library allocations must happen outside it) write into every slot's
+    state. Call like decode_step; the returned logits `[S, V]` are the graph's output buffer,
+    overwritten by the next call."""
+
+    def __init__(self, model: HybridForCausalLM, cache: DecodeCache, warmup: int = 2) -> None:
+        device = cache.lengths.device
+        self.tokens = torch.zeros(cache.num_slots, dtype=torch.long, device=device)
+        self.active = torch.zeros(cache.num_slots, dtype=torch.bool, device=device)  # warm-up: no length moves
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                decode_step_static(model, self.tokens, cache, self.active)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = decode_step_static(model, self.tokens, cache, self.active)
+
+    def __call__(self, model: HybridForCausalLM, tokens: torch.Tensor, cache: DecodeCache,
+                 active: torch.Tensor) -> torch.Tensor:
+        self.tokens.copy_(tokens)
+        self.active.copy_(active)
+        self.graph.replay()
+        return self.logits
 
 
 class _Run:
     """State of one generate call: waiting requests, prefilled prompts, occupied slots."""
 
     def __init__(self, model: HybridForCausalLM, num_slots: int, max_len: int,
-                 prompts: Sequence[Sequence[int]], params: SamplingParams) -> None:
+                 prompts: Sequence[Sequence[int]], params: SamplingParams, cuda_graph: bool = False) -> None:
         self.model, self.prompts, self.params = model, prompts, params
         self.device = model.device
         self.cache = DecodeCache(model, num_slots=num_slots, max_len=max_len)
+        # before any slot is filled (GraphedDecode's warm-up writes into every slot)
+        self.step = GraphedDecode(model, self.cache) if cuda_graph else decode_step
         self.waiting = deque((p, s) for p in range(len(prompts)) for s in range(params.n))
         self.prefilled: dict[int, tuple[torch.Tensor, SlotState]] = {}  # prompt -> (logits [V], state)
         self.uses_left = {p: params.n for p in range(len(prompts))}
@@ -115,7 +152,7 @@ class _Run:
             rows = [i for i, s in enumerate(self.slots) if s is not None]
             active = torch.zeros(len(self.slots), dtype=torch.bool)
             active[rows] = True
-            logits = decode_step(self.model, self.next_tokens, self.cache, active.to(self.device))  # [S, V] fp32
+            logits = self.step(self.model, self.next_tokens, self.cache, active.to(self.device))  # [S, V] fp32
             self._sample_into(rows, logits if len(rows) == len(self.slots) else logits[rows])
             self._fill_free_slots()
         return [self.finished[(p, s)] for p in range(len(self.prompts)) for s in range(self.params.n)]

@@ -31,10 +31,16 @@ class RolloutConfig:
     # vllm: MiB for softmax layers' KV cache and lightning layers' states; null: vLLM's default
     # share of the device (on CPU: gpu_memory_utilization of RAM)
     kv_cache_mb: Optional[float] = 256.0
+    # native on a CUDA device: each generate call captures its decode step once as a CUDA graph
+    # and replays it (one launch per step instead of a few hundred kernels); ignored on the CPU
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         if self.engine is not None and self.engine not in ENGINES:
             raise ValueError(f"engine: {self.engine!r} is not one of {sorted(ENGINES)}")
+        if self.cuda_graphs and self.engine not in (None, "native"):
+            raise ValueError(f"cuda_graphs: the native engine's setting (engine is {self.engine!r}; "
+                             f"vLLM captures its own graphs)")
         if not self.max_slots >= 1:
             raise ValueError(f"max_slots: must be >= 1, got {self.max_slots}")
         if self.max_len is not None and not self.max_len >= 1:
@@ -54,7 +60,10 @@ def default_engine(model: nn.Module) -> str:
 
 def build_engine(model: nn.Module, config: RolloutConfig) -> RolloutEngine:
     """The engine `config` names (or the model's default) on `model`."""
-    return ENGINES[config.engine or default_engine(model)](model, config)
+    engine = config.engine or default_engine(model)
+    if config.cuda_graphs and engine != "native":
+        raise ValueError(f"rollout.cuda_graphs: the native engine's setting; this model runs on the {engine} engine")
+    return ENGINES[engine](model, config)
 
 
 @torch.no_grad()
@@ -81,7 +90,7 @@ def _build_hf(model: nn.Module, config: RolloutConfig) -> RolloutEngine:
 def _build_native(model: nn.Module, config: RolloutConfig) -> RolloutEngine:
     from posttrain.rollout.native import NativeEngine
 
-    return NativeEngine(model, num_slots=config.max_slots, max_len=config.max_len)
+    return NativeEngine(model, num_slots=config.max_slots, max_len=config.max_len, cuda_graphs=config.cuda_graphs)
 
 
 def _build_vllm(model: nn.Module, config: RolloutConfig) -> RolloutEngine:
