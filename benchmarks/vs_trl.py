@@ -86,6 +86,7 @@ class Settings:
     max_new_tokens: int = 32
     temperature: float = 1.0
     seed: int = 0
+    cuda_graphs: bool = False  # posttrain's native engine (hybrid RL rows) replays a captured decode step
 
     @property
     def dtype(self) -> str:
@@ -136,6 +137,8 @@ def posttrain_recipe(s: Settings, family: str, stage: str, paths: dict[str, str]
                                 "max_new_tokens": s.max_new_tokens},
                    "loss": loss, "filters": {"dynamic_sampling": False}, "reward": {"fn": "exact_match"},
                    "updates_per_batch": 1, "micro_size": s.rl_micro}
+        if s.cuda_graphs and family == "hybrid":
+            common["rollout"] = {"cuda_graphs": True}
     return {"name": f"vs-trl-{family}-{stage}", "seed": s.seed, "run_dir": run_dir,
             "model": {"path": paths[family], "dtype": s.dtype, "fp32_lm_head": rl},
             "tokenizer": {"kind": "path", "path": paths["tokenizer"]}, "cluster": cluster, "stages": [common]}
@@ -514,8 +517,10 @@ def main() -> None:
                     help="seconds: no new row starts after this (rows run stage by stage, in --stages order)")
     ap.add_argument("--trl-worker", help=argparse.SUPPRESS)
     for f in dataclasses.fields(Settings):  # every shared setting, defaults from the device's preset
-        if f.name not in ("device", "betas"):
+        if f.name not in ("device", "betas", "cuda_graphs"):
             ap.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(PRESETS["cpu"], f.name)))
+    ap.add_argument("--cuda-graphs", action="store_true", default=None,
+                    help="posttrain's hybrid RL rows: rollout.cuda_graphs (the native engine replays a captured decode step)")
     args = ap.parse_args()
     if args.trl_worker:
         return trl_worker(args.trl_worker)

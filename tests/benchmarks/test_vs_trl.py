@@ -87,3 +87,15 @@ def test_cuda_settings_match_precision(vs_trl, inputs):
         assert raw["model"]["dtype"] == "bfloat16" and t["bf16"] and not t["use_cpu"]
         assert raw["stages"][0]["learner"]["zero_stage"] == 1  # as recipes/gpu.yaml
     assert (s.prompts, s.group, s.max_new_tokens) == (8, 8, 128)  # the shape of issue 16's measurement
+
+
+def test_cuda_graphs_only_on_posttrains_hybrid_rl_rows(vs_trl, inputs):
+    """--cuda-graphs sets the native engine's setting where the native engine runs (the hybrid's
+    RL rows); qwen2 generates with transformers on both sides and is left as it is."""
+    s = dataclasses.replace(vs_trl.PRESETS["cuda"], cuda_graphs=True)
+    _, work, paths = inputs
+    paths = {**paths, "hybrid": paths["qwen2"]}  # the path is not read here
+    hybrid = vs_trl.posttrain_recipe(s, "hybrid", "cispo", paths, str(work / "run"))["stages"][0]
+    assert hybrid["rollout"] == {"cuda_graphs": True}
+    assert "rollout" not in vs_trl.posttrain_recipe(s, "qwen2", "cispo", paths, str(work / "run"))["stages"][0]
+    assert "rollout" not in vs_trl.posttrain_recipe(s, "hybrid", "sft", paths, str(work / "run"))["stages"][0]
