@@ -36,6 +36,18 @@ def sharpen_(model: torch.nn.Module, scale: float = 8.0) -> None:
 
 
 @pytest.fixture(scope="session")
+def tiny_hybrid_d64():
+    """Our HybridForCausalLM in the tiny layout at head dim 64 (sizes fla's GPU kernels take),
+    sharpened, fp32 on the CPU."""
+    from posttrain.models.hybrid import HybridForCausalLM
+
+    torch.manual_seed(0)
+    model = HybridForCausalLM(tiny_config(head_dim=64)).eval()
+    sharpen_(model)
+    return model
+
+
+@pytest.fixture(scope="session")
 def hf_tiny() -> MiniMaxForCausalLM:
     torch.manual_seed(0)
     model = MiniMaxForCausalLM(tiny_config()).eval()

@@ -101,10 +101,12 @@ def test_cuda_graphs_is_the_native_engines_setting():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (GPU-only test)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_graph_decode_equals_eager_on_the_gpu(tiny_dir, prompts, dtype):
+def test_cuda_graph_decode_equals_eager_on_the_gpu(tiny_hybrid_d64, prompts, dtype):
     """cuda_graphs: the captured step replayed through slot refills gives eager's greedy tokens;
     a second generate call (a new cache, a new capture) too."""
-    model = HybridForCausalLM.from_pretrained(tiny_dir, dtype=dtype).cuda().eval()
+    import copy
+
+    model = copy.deepcopy(tiny_hybrid_d64).to(device="cuda", dtype=dtype).eval()
     params = SamplingParams(n=3, temperature=0.0, max_new_tokens=20, stop_token_ids=(2,))
     eager = NativeEngine(model, num_slots=5).generate(prompts, params)
     graphed_engine = NativeEngine(model, num_slots=5, cuda_graphs=True)
