@@ -19,8 +19,8 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Literal, Optional, Sequence
 
 from posttrain.models import ModelConfig
-from posttrain.rendezvous import forget_rendezvous, node_ip, rendezvous_key
 from posttrain.objectives.common import Objective, StepCounts
+from posttrain.rendezvous import forget_rendezvous, node_ip, rendezvous_key
 
 # `auto`, `host:port` or `ray://host:port` (Ray Client); the host a name or an IPv4 address.
 _ADDRESS = re.compile(r"^(auto|(ray://)?[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?:\d{1,5})$")

@@ -129,7 +129,7 @@ class DistInfo:
     world_size: int = 1
     master_addr: str = "127.0.0.1"
     master_port: int = 29500  # used when rendezvous is None (a Learner outside Ray)
-    rendezvous: Optional[str] = None  # Ray actors: rank 0 binds a port itself and publishes it (cluster.rendezvous_store)
+    rendezvous: Optional[str] = None  # Ray actors: rank 0 binds a port itself and publishes it (posttrain.rendezvous)
 
 
 def lr_lambda(schedule: ScheduleConfig, total_steps: int) -> Callable[[int], float]:

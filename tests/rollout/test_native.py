@@ -90,13 +90,15 @@ def test_static_decode_step_in_the_engine_gives_the_same_completions(native_mode
         assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
 
 
-def test_cuda_graphs_is_the_native_engines_setting():
-    from posttrain.rollout.worker import RolloutConfig
+def test_cuda_graphs_is_the_native_engines_setting(hf_tiny):
+    from posttrain.rollout.worker import RolloutConfig, build_engine
 
     with pytest.raises(ValueError, match="^cuda_graphs: the native engine's setting"):
         RolloutConfig(engine="hf", cuda_graphs=True)
     RolloutConfig(engine="native", cuda_graphs=True)
-    RolloutConfig(cuda_graphs=True)  # engine chosen by the model: checked when the engine is built
+    # engine chosen by the model: checked when the engine is built (transformers' class -> hf)
+    with pytest.raises(ValueError, match="runs on the hf engine"):
+        build_engine(hf_tiny, RolloutConfig(cuda_graphs=True))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (GPU-only test)")
