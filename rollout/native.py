@@ -20,6 +20,7 @@ same order, so both engines agree token for token.
 from __future__ import annotations
 
 import math
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
@@ -63,6 +64,10 @@ class _Sample:
         return Completion(self.prompt_index, self.sample_index, self.tokens, self.logprobs, reason)
 
 
+def _on_cuda(model: HybridForCausalLM) -> bool:
+    return model.device.type == "cuda"
+
+
 class NativeEngine:
     """RolloutEngine for HybridForCausalLM with `num_slots` decode slots (the max batch).
 
@@ -71,14 +76,17 @@ class NativeEngine:
     """
 
     def __init__(self, model: HybridForCausalLM, num_slots: int = 32, max_len: Optional[int] = None,
-                 cuda_graphs: bool = False) -> None:
+                 cuda_graphs: Optional[bool] = False) -> None:
         if num_slots < 1:
             raise ValueError(f"NativeEngine: num_slots must be >= 1, got {num_slots}")
         self.model = model.eval()
         self.num_slots = num_slots
         self.max_len = max_len
-        self.cuda_graphs = cuda_graphs  # on a CUDA device: decode steps replayed as one CUDA graph
+        # on a CUDA device: decode steps replayed as one CUDA graph. True: a failed capture raises;
+        # None: it warns and this engine decodes eagerly from then on; False: never captured
+        self.cuda_graphs = cuda_graphs
         self.policy_version = 0
+        self.graph_captures = 0  # generate calls that captured a decode graph
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         load_named_tensors(self.model, named_tensors)
@@ -92,8 +100,31 @@ class NativeEngine:
         too_long = [i for i, p in enumerate(prompts) if len(p) >= max_len]
         if too_long:
             raise ValueError(f"native engine: prompts {too_long[:5]} have >= max_len={max_len} tokens")
-        graphs = self.cuda_graphs and self.model.device.type == "cuda"
-        return _Run(self.model, self.num_slots, max_len, prompts, params, cuda_graph=graphs).run()
+        graphs = self.cuda_graphs is not False and _on_cuda(self.model)
+        run = _Run(self.model, self.num_slots, max_len, prompts, params, cuda_graph=graphs,
+                   graph_required=self.cuda_graphs is True)
+        completions = run.run()
+        self.graph_captures += run.captured
+        if run.capture_error is not None:
+            warnings.warn(f"native engine: CUDA-graph capture failed ({run.capture_error}); decoding eagerly from "
+                          f"now on (rollout.cuda_graphs: true makes this an error)", RuntimeWarning, stacklevel=2)
+            self.cuda_graphs = False
+        return completions
+
+
+def warm_up_static(model: HybridForCausalLM, cache: DecodeCache, steps: int) -> None:
+    """Run decode_step_static `steps` times with no slot active and leave what the slots hold
+    as it was: lengths do not move, each softmax layer writes only the position the next real
+    step overwrites, and the lightning states are saved before and put back after."""
+    idle = torch.zeros(cache.num_slots, dtype=torch.bool, device=cache.lengths.device)
+    tokens = torch.zeros(cache.num_slots, dtype=torch.long, device=cache.lengths.device)
+    saved = {i: state.clone() for i, state in cache.linear.items()}
+    try:
+        for _ in range(steps):
+            decode_step_static(model, tokens, cache, idle)
+    finally:
+        for i, state in saved.items():
+            cache.linear[i].copy_(state)
 
 
 class GraphedDecode:
@@ -101,9 +132,10 @@ class GraphedDecode:
     one launch for the whole step instead of a few hundred small kernels (small-hybrid's eager
     decode step is bound by their launches on an H200: ~35 ms, docs/benchmarks.md).
 
-    Build it on a cache no slot has been inserted into yet: the warm-up steps before the capture
-    (kernel autotuning and library allocations must happen outside it) write into every slot's
-    state. Call like decode_step; the returned logits `[S, V]` are the graph's output buffer,
+    Can be built mid-run, on a cache whose slots hold live sequences: the warm-up steps before
+    the capture (kernel autotuning and library allocations must happen outside it) leave the
+    slots as they were (warm_up_static).
+    Call like decode_step; the returned logits `[S, V]` are the graph's output buffer,
     overwritten by the next call."""
 
     def __init__(self, model: HybridForCausalLM, cache: DecodeCache, warmup: int = 2) -> None:
@@ -113,11 +145,10 @@ class GraphedDecode:
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
-            for _ in range(warmup):
-                decode_step_static(model, self.tokens, cache, self.active)
+            warm_up_static(model, cache, warmup)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph):  # recorded, not run: the cache is untouched
             self.logits = decode_step_static(model, self.tokens, cache, self.active)
 
     def __call__(self, model: HybridForCausalLM, tokens: torch.Tensor, cache: DecodeCache,
@@ -128,16 +159,25 @@ class GraphedDecode:
         return self.logits
 
 
+# Eager decode steps a generate call runs before it captures its graph. Warm-up and capture cost
+# about as much as 4-5 eager steps of small-hybrid on an H200 (docs/gpu.md, session 9), so
+# generations shorter than this (the RL recipes' 2-4-token answers) never pay for a capture.
+CAPTURE_AFTER_STEPS = 8
+
+
 class _Run:
     """State of one generate call: waiting requests, prefilled prompts, occupied slots."""
 
     def __init__(self, model: HybridForCausalLM, num_slots: int, max_len: int,
-                 prompts: Sequence[Sequence[int]], params: SamplingParams, cuda_graph: bool = False) -> None:
+                 prompts: Sequence[Sequence[int]], params: SamplingParams, cuda_graph: bool = False,
+                 graph_required: bool = False) -> None:
         self.model, self.prompts, self.params = model, prompts, params
         self.device = model.device
         self.cache = DecodeCache(model, num_slots=num_slots, max_len=max_len)
-        # before any slot is filled (GraphedDecode's warm-up writes into every slot)
-        self.step = GraphedDecode(model, self.cache) if cuda_graph else decode_step
+        self.cuda_graph = cuda_graph  # switch to a GraphedDecode after CAPTURE_AFTER_STEPS eager steps
+        self.step = decode_step
+        self.graph_required = graph_required  # else a failed capture is kept in capture_error, and the run goes on eagerly
+        self.steps, self.captured, self.capture_error = 0, False, None
         self.waiting = deque((p, s) for p in range(len(prompts)) for s in range(params.n))
         self.prefilled: dict[int, tuple[torch.Tensor, SlotState]] = {}  # prompt -> (logits [V], state)
         self.uses_left = {p: params.n for p in range(len(prompts))}
@@ -152,10 +192,25 @@ class _Run:
             rows = [i for i, s in enumerate(self.slots) if s is not None]
             active = torch.zeros(len(self.slots), dtype=torch.bool)
             active[rows] = True
+            if self.cuda_graph and self.steps == CAPTURE_AFTER_STEPS:
+                self._capture()
+            self.steps += 1
             logits = self.step(self.model, self.next_tokens, self.cache, active.to(self.device))  # [S, V] fp32
             self._sample_into(rows, logits if len(rows) == len(self.slots) else logits[rows])
             self._fill_free_slots()
         return [self.finished[(p, s)] for p in range(len(self.prompts)) for s in range(self.params.n)]
+
+    def _capture(self) -> None:
+        """Switch this run's decode step to a captured graph (or, if the capture fails and
+        graphs are not required, record why and stay eager)."""
+        try:
+            self.step = GraphedDecode(self.model, self.cache)
+            self.captured = True
+        except RuntimeError as err:
+            if self.graph_required:
+                raise
+            self.capture_error = str(err).splitlines()[0] if str(err) else type(err).__name__
+            self.cuda_graph = False
 
     def _new_sample(self, prompt: int, sample: int) -> _Sample:
         seed = self.params.seed

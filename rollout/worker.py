@@ -5,6 +5,7 @@ the worker is testable in-process.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Literal, Optional, Sequence
@@ -31,14 +32,17 @@ class RolloutConfig:
     # vllm: MiB for softmax layers' KV cache and lightning layers' states; null: vLLM's default
     # share of the device (on CPU: gpu_memory_utilization of RAM)
     kv_cache_mb: Optional[float] = 256.0
-    # native on a CUDA device: each generate call captures its decode step once as a CUDA graph
-    # and replays it (one launch per step instead of a few hundred kernels); ignored on the CPU
-    cuda_graphs: bool = False
+    # native on a CUDA device: a generate call that decodes past a few steps captures its decode
+    # step once as a CUDA graph and replays it (one launch per step instead of a few hundred
+    # kernels; 3.4-3.9x the eager step's tokens/s on an H200, docs/benchmarks.md). null: on where
+    # it applies (native engine, CUDA), falling back to eager decoding with a warning if a capture
+    # fails; true: required (a failed capture is an error; other engines are refused); false: off
+    cuda_graphs: Optional[bool] = None
 
     def __post_init__(self) -> None:
         if self.engine is not None and self.engine not in ENGINES:
             raise ValueError(f"engine: {self.engine!r} is not one of {sorted(ENGINES)}")
-        if self.cuda_graphs and self.engine not in (None, "native"):
+        if self.cuda_graphs is True and self.engine not in (None, "native"):
             raise ValueError(f"cuda_graphs: the native engine's setting (engine is {self.engine!r}; "
                              f"vLLM captures its own graphs)")
         if not self.max_slots >= 1:
@@ -61,7 +65,7 @@ def default_engine(model: nn.Module) -> str:
 def build_engine(model: nn.Module, config: RolloutConfig) -> RolloutEngine:
     """The engine `config` names (or the model's default) on `model`."""
     engine = config.engine or default_engine(model)
-    if config.cuda_graphs and engine != "native":
+    if config.cuda_graphs is True and engine != "native":
         raise ValueError(f"rollout.cuda_graphs: the native engine's setting; this model runs on the {engine} engine")
     return ENGINES[engine](model, config)
 
@@ -73,11 +77,16 @@ def generate_on_model(model: nn.Module, prompts: Sequence[Sequence[int]], params
     an engine built on `model` itself, in eval mode (its previous mode is restored).
 
     Module-level so LearnerGroup.call_rank0 runs it on a learner's own weights: held-out greedy
-    evals and the sampled candidates of DPO pairs."""
+    evals and the sampled candidates of DPO pairs. There the default cuda_graphs (null) means
+    off: a learner's module may carry ZeRO-3 gather hooks, which a graph capture must not meet;
+    `true` in the config still asks for graphs."""
     from posttrain.models import eval_mode
 
+    config = config or RolloutConfig()
+    if config.cuda_graphs is None:
+        config = dataclasses.replace(config, cuda_graphs=False)
     with eval_mode(model):
-        engine = build_engine(model, config or RolloutConfig())
+        engine = build_engine(model, config)
         return [list(c.token_ids) for c in engine.generate([list(p) for p in prompts], params)]
 
 

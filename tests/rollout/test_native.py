@@ -90,7 +90,28 @@ def test_static_decode_step_in_the_engine_gives_the_same_completions(native_mode
         assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
 
 
-def test_cuda_graphs_is_the_native_engines_setting(hf_tiny):
+def test_switching_to_the_static_step_mid_run_after_a_warm_up_changes_nothing(native_model, prompts, monkeypatch):
+    """What cuda_graphs does on CUDA, minus the graph: after CAPTURE_AFTER_STEPS eager steps the
+    run warms the static step up on its live cache (no slot active) and continues on it. Same
+    tokens and log-probs as a run that never switched: the warm-up left every slot as it was."""
+    import posttrain.rollout.native as native
+
+    def eager_static(model, cache):
+        native.warm_up_static(model, cache, 2)
+        return native.decode_step_static
+
+    params = SamplingParams(n=3, temperature=0.0, max_new_tokens=3 * native.CAPTURE_AFTER_STEPS)
+    plain = native._Run(native_model, 5, 40, prompts, params).run()
+    monkeypatch.setattr(native, "GraphedDecode", eager_static)
+    run = native._Run(native_model, 5, 40, prompts, params, cuda_graph=True)
+    switched = run.run()
+    assert run.captured and run.steps > native.CAPTURE_AFTER_STEPS + 2
+    assert [c.token_ids for c in switched] == [c.token_ids for c in plain]
+    for a, b in zip(switched, plain):
+        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
+
+
+def test_cuda_graphs_is_the_native_engines_setting(hf_tiny, native_model):
     from posttrain.rollout.worker import RolloutConfig, build_engine
 
     with pytest.raises(ValueError, match="^cuda_graphs: the native engine's setting"):
@@ -99,23 +120,75 @@ def test_cuda_graphs_is_the_native_engines_setting(hf_tiny):
     # engine chosen by the model: checked when the engine is built (transformers' class -> hf)
     with pytest.raises(ValueError, match="runs on the hf engine"):
         build_engine(hf_tiny, RolloutConfig(cuda_graphs=True))
+    # the default (null) applies where it can: the native engine gets it, the others ignore it
+    assert RolloutConfig().cuda_graphs is None and RolloutConfig(engine="hf").cuda_graphs is None
+    assert build_engine(native_model, RolloutConfig()).cuda_graphs is None
+    assert build_engine(native_model, RolloutConfig(cuda_graphs=False)).cuda_graphs is False
+    build_engine(hf_tiny, RolloutConfig())
+
+
+def test_generation_on_a_learners_weights_leaves_graphs_off_unless_asked(native_model, prompts, monkeypatch):
+    """generate_on_model (held-out evals, DPO candidates on the learner) may meet ZeRO-3 gather
+    hooks, which a capture must not: the null default means off there; true is passed on."""
+    import posttrain.rollout.worker as worker
+
+    seen = []
+    real = worker.build_engine
+    monkeypatch.setattr(worker, "build_engine", lambda model, config: seen.append(config.cuda_graphs) or real(model, config))
+    params = SamplingParams(max_new_tokens=2)
+    worker.generate_on_model(native_model, prompts, params)
+    worker.generate_on_model(native_model, prompts, params, worker.RolloutConfig(max_slots=4))
+    worker.generate_on_model(native_model, prompts, params, worker.RolloutConfig(cuda_graphs=True))
+    assert seen == [False, False, True]
+
+
+def test_a_failed_capture_decodes_eagerly_unless_graphs_are_required(native_model, prompts, monkeypatch):
+    """cuda_graphs null (the recipe default): a capture that fails leaves the run's tokens as
+    eager decoding gives them, warns once, and the engine stops trying; true: it raises."""
+    import posttrain.rollout.native as native
+
+    def no_capture(model, cache):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+
+    params = SamplingParams(n=2, temperature=0.0, max_new_tokens=3 * native.CAPTURE_AFTER_STEPS)
+    plain = NativeEngine(native_model, num_slots=3).generate(prompts, params)
+    monkeypatch.setattr(native, "GraphedDecode", no_capture)
+    monkeypatch.setattr(native, "_on_cuda", lambda model: True)  # what the engine checks before capturing
+    auto = NativeEngine(native_model, num_slots=3, cuda_graphs=None)
+    with pytest.warns(RuntimeWarning, match=r"capture failed \(operation not permitted when stream is capturing\); "
+                                            r"decoding eagerly"):
+        out = auto.generate(prompts, params)
+    assert [c.token_ids for c in out] == [c.token_ids for c in plain]
+    assert auto.cuda_graphs is False and auto.graph_captures == 0
+    with pytest.raises(RuntimeError, match="stream is capturing"):
+        NativeEngine(native_model, num_slots=3, cuda_graphs=True).generate(prompts, params)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (GPU-only test)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_graph_decode_equals_eager_on_the_gpu(tiny_hybrid_d64, prompts, dtype):
-    """cuda_graphs: the captured step replayed through slot refills gives eager's greedy tokens;
-    a second generate call (a new cache, a new capture) too."""
+    """cuda_graphs: the step captured mid-run (after CAPTURE_AFTER_STEPS eager steps, slots
+    holding live sequences) and replayed through slot refills gives eager's greedy tokens; a
+    second generate call (a new cache, a new capture) too; a call that ends before the capture
+    point captures nothing."""
     import copy
 
+    from posttrain.rollout.native import CAPTURE_AFTER_STEPS
+
     model = copy.deepcopy(tiny_hybrid_d64).to(device="cuda", dtype=dtype).eval()
-    params = SamplingParams(n=3, temperature=0.0, max_new_tokens=20, stop_token_ids=(2,))
+    params = SamplingParams(n=3, temperature=0.0, max_new_tokens=3 * CAPTURE_AFTER_STEPS, stop_token_ids=(2,))
     eager = NativeEngine(model, num_slots=5).generate(prompts, params)
+    assert max(len(c.token_ids) for c in eager) > CAPTURE_AFTER_STEPS + 2  # replays happen
     graphed_engine = NativeEngine(model, num_slots=5, cuda_graphs=True)
-    for _ in range(2):
+    for call in range(2):
         graphed = graphed_engine.generate(prompts, params)
+        assert graphed_engine.graph_captures == call + 1
         assert [c.token_ids for c in graphed] == [c.token_ids for c in eager]
         assert [c.finish_reason for c in graphed] == [c.finish_reason for c in eager]
         tol = 1e-4 if dtype == torch.float32 else 5e-2
         for a, b in zip(graphed, eager):
             assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=tol, rtol=0)
+    # one wave of requests (4 <= 5 slots) that ends before the capture point
+    short = SamplingParams(n=2, temperature=0.0, max_new_tokens=CAPTURE_AFTER_STEPS // 2)
+    graphed_engine.generate(prompts[:2], short)
+    assert graphed_engine.graph_captures == 2
