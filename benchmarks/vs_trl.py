@@ -86,7 +86,9 @@ class Settings:
     max_new_tokens: int = 32
     temperature: float = 1.0
     seed: int = 0
-    cuda_graphs: bool = False  # posttrain's native engine (hybrid RL rows) replays a captured decode step
+    # posttrain's hybrid RL rows: the native engine's CUDA-graph decode (rollout.cuda_graphs, on
+    # by default on CUDA); False (--eager-decode) pins rollout.cuda_graphs: false
+    cuda_graphs: bool = True
 
     @property
     def dtype(self) -> str:
@@ -137,8 +139,8 @@ def posttrain_recipe(s: Settings, family: str, stage: str, paths: dict[str, str]
                                 "max_new_tokens": s.max_new_tokens},
                    "loss": loss, "filters": {"dynamic_sampling": False}, "reward": {"fn": "exact_match"},
                    "updates_per_batch": 1, "micro_size": s.rl_micro}
-        if s.cuda_graphs and family == "hybrid":
-            common["rollout"] = {"cuda_graphs": True}
+        if not s.cuda_graphs and family == "hybrid":
+            common["rollout"] = {"cuda_graphs": False}
     return {"name": f"vs-trl-{family}-{stage}", "seed": s.seed, "run_dir": run_dir,
             "model": {"path": paths[family], "dtype": s.dtype, "fp32_lm_head": rl},
             "tokenizer": {"kind": "path", "path": paths["tokenizer"]}, "cluster": cluster, "stages": [common]}
@@ -378,6 +380,11 @@ def trl_worker(spec_path: str) -> None:
     stage, paths = spec["stage"], spec["paths"]
     torch.set_num_threads(s.threads)
     tok = load_tokenizer(paths["tokenizer"])
+    if s.device == "cuda" and spec["family"] == "hybrid":
+        # the SDPA backends posttrain's hybrid uses (models/hybrid.py: flash, efficient, math):
+        # cuDNN's fails inside transformers' MiniMax generate on an H200 ("misaligned address";
+        # under CUDA_LAUNCH_BLOCKING=1, cuDNN's mha_graph.execute in the softmax layers)
+        torch.backends.cuda.enable_cudnn_sdp(False)
     model = AutoModelForCausalLM.from_pretrained(paths[spec["family"]], dtype=getattr(torch, s.dtype),
                                                  attn_implementation="sdpa")
     counted: list[float] = []  # work counted by the trainer so far (tokens)
@@ -452,7 +459,7 @@ UNITS = {"sft": "trained tok/s", "dpo": "pairs/s", "grpo": "(sampled+trained) to
 def table_rows(results: list[dict]) -> list[list[Any]]:
     rows = []
     for r in results:
-        p, t = r["posttrain"], r["trl"]
+        p, t = r.get("posttrain", {"error": "not run (--sides)"}), r.get("trl", {"error": "not run (--sides)"})
         ratio = p["rate"] / t["rate"] if "rate" in p and "rate" in t and t["rate"] else None
         rows.append([r["family"], r["stage"], UNITS[r["stage"]], p.get("rate", p.get("error", "-")),
                      t.get("rate", t.get("error", "-")), p.get("step_s"), t.get("step_s"), p.get("peak_gib"),
@@ -488,7 +495,7 @@ def plot(results: list[dict], path: Path, title: str) -> Optional[Path]:
     except ImportError:
         print("matplotlib is not installed: no PNG")
         return None
-    done = [r for r in results if "rate" in r["posttrain"] and "rate" in r["trl"]]
+    done = [r for r in results if "rate" in r.get("posttrain", {}) and "rate" in r.get("trl", {})]
     if not done:
         return None
     fig, ax = plt.subplots(figsize=(1.3 * len(done) + 2, 4))
@@ -515,12 +522,15 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=600, help="seconds per side per row")
     ap.add_argument("--budget", type=float, default=None,
                     help="seconds: no new row starts after this (rows run stage by stage, in --stages order)")
+    ap.add_argument("--sides", nargs="+", choices=["posttrain", "trl"], default=["posttrain", "trl"],
+                    help="run only these sides (e.g. re-run TRL's rows after a fix on its side)")
     ap.add_argument("--trl-worker", help=argparse.SUPPRESS)
     for f in dataclasses.fields(Settings):  # every shared setting, defaults from the device's preset
         if f.name not in ("device", "betas", "cuda_graphs"):
             ap.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(PRESETS["cpu"], f.name)))
-    ap.add_argument("--cuda-graphs", action="store_true", default=None,
-                    help="posttrain's hybrid RL rows: rollout.cuda_graphs (the native engine replays a captured decode step)")
+    ap.add_argument("--eager-decode", dest="cuda_graphs", action="store_false", default=None,
+                    help="posttrain's hybrid RL rows: rollout.cuda_graphs false (no CUDA-graph decode, which is on "
+                         "by default on CUDA)")
     args = ap.parse_args()
     if args.trl_worker:
         return trl_worker(args.trl_worker)
@@ -542,7 +552,7 @@ def main() -> None:
             print(f"{family} {stage}: skipped (past --budget {args.budget:.0f} s)", flush=True)
             results.append(row | {side: {"error": "skipped (time budget)"} for side in order})
             continue
-        for side in order:
+        for side in (x for x in order if x in args.sides):
             fn = run_posttrain if side == "posttrain" else run_trl
             t1 = time.perf_counter()
             row[side] = fn(s, family, stage, paths, work, args.timeout)

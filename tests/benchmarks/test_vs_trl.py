@@ -89,13 +89,22 @@ def test_cuda_settings_match_precision(vs_trl, inputs):
     assert (s.prompts, s.group, s.max_new_tokens) == (8, 8, 128)  # the shape of issue 16's measurement
 
 
-def test_cuda_graphs_only_on_posttrains_hybrid_rl_rows(vs_trl, inputs):
-    """--cuda-graphs sets the native engine's setting where the native engine runs (the hybrid's
-    RL rows); qwen2 generates with transformers on both sides and is left as it is."""
-    s = dataclasses.replace(vs_trl.PRESETS["cuda"], cuda_graphs=True)
+def test_eager_decode_only_on_posttrains_hybrid_rl_rows(vs_trl, inputs):
+    """posttrain's default decode (CUDA graphs on CUDA) unless --eager-decode, which pins the
+    native engine's setting where the native engine runs (the hybrid's RL rows); qwen2
+    generates with transformers on both sides and is left as it is."""
     _, work, paths = inputs
     paths = {**paths, "hybrid": paths["qwen2"]}  # the path is not read here
+    default = vs_trl.PRESETS["cuda"]
+    assert "rollout" not in vs_trl.posttrain_recipe(default, "hybrid", "cispo", paths, str(work / "run"))["stages"][0]
+    s = dataclasses.replace(default, cuda_graphs=False)
     hybrid = vs_trl.posttrain_recipe(s, "hybrid", "cispo", paths, str(work / "run"))["stages"][0]
-    assert hybrid["rollout"] == {"cuda_graphs": True}
+    assert hybrid["rollout"] == {"cuda_graphs": False}
     assert "rollout" not in vs_trl.posttrain_recipe(s, "qwen2", "cispo", paths, str(work / "run"))["stages"][0]
     assert "rollout" not in vs_trl.posttrain_recipe(s, "hybrid", "sft", paths, str(work / "run"))["stages"][0]
+
+
+def test_a_side_left_out_by_sides_shows_in_the_table_without_a_ratio(vs_trl):
+    """--sides trl: the rows hold TRL's result only; the table says the other side was not run."""
+    (row,) = vs_trl.table_rows([{"family": "hybrid", "stage": "cispo", "trl": {"rate": 100.0, "step_s": 2.0}}])
+    assert row[3] == "not run (--sides)" and row[4] == 100.0 and row[-1] == "-"
