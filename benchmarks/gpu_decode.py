@@ -12,9 +12,11 @@ divided by B (cache plus transient activations).
     python3 benchmarks/gpu_decode.py            # C in {4K, 32K}, B in {1, 64, 256}
     python3 benchmarks/gpu_decode.py --smoke    # CPU, tiny-hybrid: checks the script only
 
-The native engine runs twice per point: eager, and with `cuda_graphs` (its decode step captured
-once per generate call and replayed; the capture is in the timed decode; on the CPU, the smoke
-run, the setting does nothing).
+The native engine runs twice per point: eager (cuda_graphs false), and with `cuda_graphs` (the
+engine's default on CUDA: after 8 eager steps its decode step is captured once per generate call
+and replayed; the eager steps and the capture are in the timed decode; on the CPU, the smoke
+run, the setting does nothing). Session 9's table was measured when the capture came before
+the first decode step.
 """
 from __future__ import annotations
 
@@ -40,8 +42,8 @@ def cache_bytes_per_slot(model: HybridForCausalLM, max_len: int) -> int:
 
 
 def run_native(model, prompts, params, device, cuda_graphs: bool = False):
-    """(total s, prefill s) of one generate call (with cuda_graphs: the capture of the decode
-    step, once per call, is in the total)."""
+    """(total s, prefill s) of one generate call (with cuda_graphs: the eager steps before the
+    capture and the capture itself, once per call, are in the total)."""
     spent = [0.0]
     original = native_mod.prefill_many
 
