@@ -302,7 +302,7 @@ class Learner:
         eng = self.engine
         assert eng is not None, "call configure() first"
         kill_point("learner", self.step + 1)  # fault tests: this rank dies before the step
-        totals: dict[str, float] = {}
+        totals: dict[str, Any] = {}  # metric sums, read back once after eng.step() (_as_floats)
         gathered: dict[str, list[torch.Tensor]] = {}
         n = len(micro_batches)
         zero_opt = eng.zero_optimization_stage() > 0
@@ -322,7 +322,7 @@ class Learner:
         if grad_norm is None:
             grad_norm = eng.get_global_grad_norm()
         self.step += 1
-        out = _all_reduce_sum(totals)
+        out = _all_reduce_sum(_as_floats(totals))
         out["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         out["lr"] = float(eng.get_lr()[0])
         if self.device.type == "cuda":  # since configure(): the stage's peak on this rank
@@ -333,13 +333,13 @@ class Learner:
     def evaluate(self, objective: Objective, micro_batches: list[Any], counts: StepCounts) -> dict[str, Any]:
         """Sum an objective's metrics over micro-batches without updating anything (`Gathered`
         outputs listed as in train_step)."""
-        totals: dict[str, float] = {}
+        totals: dict[str, Any] = {}
         gathered: dict[str, list[torch.Tensor]] = {}
         with eval_mode(self.module), whole(head_parameters(self.module)):
             for micro in micro_batches:
                 _, metrics = objective(self.module, to_device(micro, self.device), counts)
                 _accumulate(totals, gathered, metrics)
-        return {**_all_reduce_sum(totals), **gathered}
+        return {**_all_reduce_sum(_as_floats(totals)), **gathered}
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run `fn(model, *args)` on this rank's model (e.g. generation for eval). Under ZeRO-3
@@ -441,13 +441,27 @@ class Learner:
         return json.loads(Path(state_dir, "progress.json").read_text())
 
 
-def _accumulate(totals: dict[str, float], gathered: dict[str, list[torch.Tensor]], metrics: dict[str, Any]) -> None:
-    """Add one micro-batch's metric contributions to `totals`; list its `Gathered` outputs."""
+def _accumulate(totals: dict[str, Any], gathered: dict[str, list[torch.Tensor]], metrics: dict[str, Any]) -> None:
+    """Add one micro-batch's metric contributions to `totals` (tensors stay tensors, on their
+    device: no host sync per metric); list its `Gathered` outputs."""
     for k, v in metrics.items():
         if isinstance(v, Gathered):
             gathered.setdefault(k, []).append(v.value)
         else:
-            totals[k] = totals.get(k, 0.0) + float(v)
+            v = v.detach().double().reshape(()) if isinstance(v, torch.Tensor) else float(v)
+            totals[k] = totals[k] + v if k in totals else v
+
+
+def _as_floats(totals: dict[str, Any]) -> dict[str, float]:
+    """`totals` as Python floats, with one device-to-host copy for all tensor values: read after
+    the optimizer step has been launched, so the host does not wait for the backward before it
+    queues the step's kernels (on CUDA a float() per metric did)."""
+    keys = [k for k, v in totals.items() if isinstance(v, torch.Tensor)]
+    out = {k: float(v) for k, v in totals.items() if k not in keys}
+    if keys:
+        device = totals[keys[0]].device
+        out.update(zip(keys, torch.stack([totals[k].to(device) for k in keys]).tolist()))
+    return {k: out[k] for k in totals}
 
 
 def join_rank_answers(answers: list[dict[str, Any]]) -> dict[str, Any]:

@@ -93,3 +93,20 @@ def test_world_size_2_zero2_equals_single_process(setup):
     ref = reference_update(tok, examples)
     two = learner_update(tok, examples, learners=2, micro=2, zero=2)
     assert max_rel_diff(two, ref) < 1e-5
+
+
+def test_step_metrics_are_summed_over_micro_batches_and_read_back_once():
+    """A step's metric sums (tensors kept on their device until after the optimizer step, then
+    read back in one copy; Python numbers as they are) equal the per-micro-batch sums, in the
+    order the objective first reported them; Gathered outputs are listed, not summed."""
+    from posttrain.learner import _accumulate, _as_floats
+    from posttrain.objectives.common import Gathered
+
+    totals, gathered = {}, {}
+    _accumulate(totals, gathered, {"loss": torch.tensor(0.25), "tokens": 3, "ids": Gathered(torch.tensor([1, 2]))})
+    _accumulate(totals, gathered, {"loss": torch.tensor(0.5, dtype=torch.bfloat16), "tokens": 4.0,
+                                   "ids": Gathered(torch.tensor([3]))})
+    out = _as_floats(totals)
+    assert out == {"loss": 0.75, "tokens": 7.0} and list(out) == ["loss", "tokens"]
+    assert all(type(v) is float for v in out.values())
+    assert [t.tolist() for t in gathered["ids"]] == [[1, 2], [3]]
