@@ -34,7 +34,7 @@ class RolloutConfig:
     kv_cache_mb: Optional[float] = 256.0
     # native on a CUDA device: a generate call that decodes past a few steps captures its decode
     # step once as a CUDA graph and replays it (one launch per step instead of a few hundred
-    # kernels; 3.4-3.9x the eager step's tokens/s on an H200, docs/benchmarks.md). null: on where
+    # kernels; 3.4-4x the eager step's tokens/s on an H200, docs/benchmarks.md). null: on where
     # it applies (native engine, CUDA), falling back to eager decoding with a warning if a capture
     # fails; true: required (a failed capture is an error; other engines are refused); false: off
     cuda_graphs: Optional[bool] = None
