@@ -12,6 +12,7 @@
 #             native with cuda_graphs, transformers
 #   vs_trl    benchmarks/vs_trl.py --device cuda (VS_TRL_ARGS: e.g. --stages cispo grpo --budget 150)
 #   RECIPE    `posttrain run RECIPE` (a shipped name: gpu, gpu_split, ...): summary + metrics
+#             (RUN_FLAGS=--resume continues /tmp/runs/RECIPE: a run cut by one call, on the warm machine)
 #   NAME=RECIPE  the same, named NAME (run dir, logs), with overrides from $RUN_ARGS_NAME: two
 #             variants of one recipe side by side, e.g. `gpu@0 gpu_b=gpu@1`
 #   PART@N    PART in the background on GPU N alone (parts on different GPUs run at the same time);
@@ -56,7 +57,7 @@ run_part() {
     *)
       local name=${part%%=*} recipe=${part#*=} args_var=RUN_ARGS_${part%%=*}
       local args=${!args_var:-${RUN_ARGS:-}}
-      (cd /tmp && timeout ${RUN_TIMEOUT:-420} python3 -m posttrain.cli run "$recipe" --overwrite run_dir=/tmp/runs/$name $args \
+      (cd /tmp && timeout ${RUN_TIMEOUT:-420} python3 -m posttrain.cli run "$recipe" ${RUN_FLAGS:---overwrite} run_dir=/tmp/runs/$name $args \
         > "$OUT/$name.log" 2>&1; echo "rc=$?"; grep -v "Warning\|warn(" "$OUT/$name.log" | tail -40)
       tar cz -C /tmp/runs --exclude='*.safetensors' --exclude='*.pt' --exclude='state*' --exclude='checkpoint*' "$name" \
         > "$OUT/$name.run.tgz" ;;
