@@ -6,6 +6,8 @@
 #   bash benchmarks/gpu_pipeline.sh PART...   (logs, summaries and run outputs in $OUT)
 # Parts:
 #   gputests  the GPU tests: placement + CUDA IPC / NCCL syncs, multi-rank learners (NCCL)
+#             (GPUTESTS: which; GPUTESTS_TIMEOUT: all of them, SIGINT so pytest still reports what failed
+#             and why: session 10 lost test_zero3's errors to a SIGTERM; GPUTEST_EACH_TIMEOUT: one test)
 #   rl_learner benchmarks/rl_learner_gpu.py --profile (RL learner micro-batch: shared prefix vs full forward)
 #   lora      benchmarks/lora_vs_full.py (peak memory and step time, LoRA vs full)
 #   decode    benchmarks/gpu_decode.py (DECODE_ARGS: e.g. --contexts 4096 --batches 1 64): native eager,
@@ -38,7 +40,7 @@ run_part() {
   echo "== $part $(date +%T) (CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-all})"
   case $part in
     gputests)
-      (cd /tmp/gt && timeout ${GPUTESTS_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider --import-mode=importlib --rootdir /tmp/gt \
+      (cd /tmp/gt && timeout -s INT -k 30 ${GPUTESTS_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider --timeout ${GPUTEST_EACH_TIMEOUT:-240} -rfE --import-mode=importlib --rootdir /tmp/gt \
         --durations=0 ${GPUTESTS:-tp/test_gpu_placement.py tp/test_learner.py} 2>&1 | tee "$OUT/gputests.log" | tail -30) ;;
     vs_trl)  # benchmarks/vs_trl.py on CUDA; runs and checkpoints stay in /tmp, the table comes back
       (cd /tmp && timeout ${VS_TRL_TIMEOUT:-420} python3 "$REPO/benchmarks/vs_trl.py" --device cuda ${VS_TRL_ARGS:-} \

@@ -383,8 +383,12 @@ def trl_worker(spec_path: str) -> None:
     if s.device == "cuda" and spec["family"] == "hybrid":
         # the SDPA backends posttrain's hybrid uses (models/hybrid.py: flash, efficient, math):
         # cuDNN's fails inside transformers' MiniMax generate on an H200 ("misaligned address";
-        # under CUDA_LAUNCH_BLOCKING=1, cuDNN's mha_graph.execute in the softmax layers)
+        # under CUDA_LAUNCH_BLOCKING=1, cuDNN's mha_graph.execute in the softmax layers). Without
+        # cuDNN, the memory-efficient kernel then refused the padding mask transformers passes
+        # ("(*bias): last dimension must be contiguous", H200, session 10): TRL's hybrid keeps
+        # flash (no mask) and math (with one), which is where SDPA sends a mask it cannot take
         torch.backends.cuda.enable_cudnn_sdp(False)
+        torch.backends.cuda.enable_mem_efficient_sdp(False)
     model = AutoModelForCausalLM.from_pretrained(paths[spec["family"]], dtype=getattr(torch, s.dtype),
                                                  attn_implementation="sdpa")
     counted: list[float] = []  # work counted by the trainer so far (tokens)
