@@ -32,6 +32,10 @@ the JSON also has the whole tree's device memory from nvidia-smi when available)
     .venv/bin/python benchmarks/vs_trl.py --device cpu --out benchmark_out/vs_trl      # tiny, ~15 minutes
     python3 benchmarks/vs_trl.py --device cuda --stages cispo grpo sft dpo --budget 300 --timeout 200 --out $OUT/vs_trl
 
+`--async-rl` runs posttrain's RL rows one step off-policy (generation of step t + 1 overlapping
+the learner's step t; async_rollout + TIS correction): not like for like, since TRL's rows stay
+synchronous (it has no such mode without vLLM); the table's title says so.
+
 Rows run stage by stage in `--stages` order (both families each), so with `--budget` the rows
 that matter most come first. Each side runs from a directory of its own under `--out` (never
 the repository root, which would shadow the installed posttrain inside Ray workers).
@@ -89,6 +93,10 @@ class Settings:
     # posttrain's hybrid RL rows: the native engine's CUDA-graph decode (rollout.cuda_graphs, on
     # by default on CUDA); False (--eager-decode) pins rollout.cuda_graphs: false
     cuda_graphs: bool = True
+    # posttrain's RL rows (--async-rl): one step off-policy (async_rollout max_staleness 1, TIS
+    # correction at 2.0; docs/async_rl.md), generation of step t + 1 overlapping the learner's
+    # step t. Not like for like: TRL without vLLM has no such mode, so the table says which ran
+    async_rl: bool = False
 
     @property
     def dtype(self) -> str:
@@ -141,6 +149,8 @@ def posttrain_recipe(s: Settings, family: str, stage: str, paths: dict[str, str]
                    "updates_per_batch": 1, "micro_size": s.rl_micro}
         if not s.cuda_graphs and family == "hybrid":
             common["rollout"] = {"cuda_graphs": False}
+        if s.async_rl:
+            common |= {"async_rollout": {"max_staleness": 1}, "correction": {"mode": "tis", "high": 2.0}}
     return {"name": f"vs-trl-{family}-{stage}", "seed": s.seed, "run_dir": run_dir,
             "model": {"path": paths[family], "dtype": s.dtype, "fp32_lm_head": rl},
             "tokenizer": {"kind": "path", "path": paths["tokenizer"]}, "cluster": cluster, "stages": [common]}
@@ -530,11 +540,14 @@ def main() -> None:
                     help="run only these sides (e.g. re-run TRL's rows after a fix on its side)")
     ap.add_argument("--trl-worker", help=argparse.SUPPRESS)
     for f in dataclasses.fields(Settings):  # every shared setting, defaults from the device's preset
-        if f.name not in ("device", "betas", "cuda_graphs"):
+        if f.name not in ("device", "betas", "cuda_graphs", "async_rl"):
             ap.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(PRESETS["cpu"], f.name)))
     ap.add_argument("--eager-decode", dest="cuda_graphs", action="store_false", default=None,
                     help="posttrain's hybrid RL rows: rollout.cuda_graphs false (no CUDA-graph decode, which is on "
                          "by default on CUDA)")
+    ap.add_argument("--async-rl", dest="async_rl", action="store_true", default=None,
+                    help="posttrain's RL rows one step off-policy (async_rollout, TIS correction): generation "
+                         "overlaps the learner; TRL's rows stay synchronous (it has no such mode without vLLM)")
     args = ap.parse_args()
     if args.trl_worker:
         return trl_worker(args.trl_worker)
@@ -565,7 +578,8 @@ def main() -> None:
         results.append(row)
         _save(out, s, paths, results, args)
     title = (f"posttrain vs TRL on {s.device} ({s.dtype}, {s.threads} thread(s)/process): mean of {s.steps} steps "
-             f"after {s.warmup} warm-up; RL {s.prompts} prompts x {s.group} samples, <= {s.max_new_tokens} new tokens")
+             f"after {s.warmup} warm-up; RL {s.prompts} prompts x {s.group} samples, <= {s.max_new_tokens} new tokens"
+             + ("; posttrain's RL one step off-policy (--async-rl), TRL's synchronous" if s.async_rl else ""))
     text = print_table(title, table_rows(results))
     (out / "vs_trl.md").write_text(text + "\n")
     png = plot(results, out / "vs_trl.png", title)

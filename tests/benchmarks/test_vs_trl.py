@@ -104,6 +104,25 @@ def test_eager_decode_only_on_posttrains_hybrid_rl_rows(vs_trl, inputs):
     assert "rollout" not in vs_trl.posttrain_recipe(s, "hybrid", "sft", paths, str(work / "run"))["stages"][0]
 
 
+def test_async_rl_only_on_posttrains_rl_rows(vs_trl, inputs):
+    """--async-rl: posttrain's RL stage runs one step off-policy with the TIS correction, and the
+    recipe it gets validates; SFT/DPO rows and TRL's config do not change."""
+    from posttrain.config import load_recipe
+
+    _, work, paths = inputs
+    s = dataclasses.replace(vs_trl.PRESETS["cpu"], async_rl=True)
+    for stage in ("grpo", "cispo"):
+        raw = vs_trl.posttrain_recipe(s, "qwen2", stage, paths, str(work / "run"))
+        (work / "async.yaml").write_text(yaml.safe_dump(raw))
+        (st,) = load_recipe(str(work / "async.yaml")).stages  # the checks `posttrain run` makes
+        assert st.async_rollout is not None and st.async_rollout.max_staleness == 1
+        assert st.correction is not None and st.correction.mode == "tis"
+    assert "async_rollout" not in vs_trl.posttrain_recipe(s, "qwen2", "sft", paths, str(work / "run"))["stages"][0]
+    sync = vs_trl.PRESETS["cpu"]
+    assert vs_trl.trl_config(s, "grpo", "o") == vs_trl.trl_config(sync, "grpo", "o")
+    assert "async_rollout" not in vs_trl.posttrain_recipe(sync, "qwen2", "grpo", paths, str(work / "run"))["stages"][0]
+
+
 def test_a_side_left_out_by_sides_shows_in_the_table_without_a_ratio(vs_trl):
     """--sides trl: the rows hold TRL's result only; the table says the other side was not run."""
     (row,) = vs_trl.table_rows([{"family": "hybrid", "stage": "cispo", "trl": {"rate": 100.0, "step_s": 2.0}}])
