@@ -120,7 +120,15 @@ def _meet(key: str, rank: int, delay: float) -> tuple[int, str]:
     time.sleep(delay)
     store = rendezvous_store(key, "127.0.0.1", rank, 2, timeout_s=60)
     store.set(f"from-{rank}", str(rank))
-    return store.port, store.get(f"from-{1 - rank}").decode()
+    got = store.get(f"from-{1 - rank}").decode()
+    # The store's server lives in rank 0's process (in a run, inside its process group): rank 0
+    # waits until rank 1 has read, else rank 1 can find it closed (CI, session 10: "Failed to
+    # recv, got 0 bytes" when rank 0 returned first)
+    if rank == 0:
+        store.get("read-1")
+    else:
+        store.set("read-1", "1")
+    return store.port, got
 
 
 def test_rendezvous_rank0_binds_its_own_port_and_the_others_find_it(ray_local):
