@@ -17,6 +17,7 @@ size), which is what makes 1x8 == 8x1 and world size 2 == world size 1 hold exac
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -218,6 +219,7 @@ class Learner:
         if threads:
             torch.set_num_threads(threads)
         self.dist = dist
+        self.seed = seed
         init_distributed(dist)
         torch.manual_seed(seed)  # identical initial weights on every rank
         self.model_cfg = model_cfg
@@ -242,10 +244,21 @@ class Learner:
 
         from posttrain.models import set_gradient_checkpointing
 
+        # every stage's random draws (dropout, router jitter, adapter init) start from the run's
+        # seed, on new learners and on learners kept from the last stage alike (a resumed run,
+        # whose learners are new, draws what an uninterrupted one with kept learners drew)
+        torch.manual_seed(self.seed)
         if self.engine is not None and self.zero3:  # a new stage: whole (merged) weights, no ZeRO-3 hooks
             self.model, self.peft = self._consolidated(), None
         elif self.engine is not None:  # a new stage: keep the weights, drop optimizer state
             self.model = self.engine.module
+        if self.engine is not None:  # the last stage's engine lets go of its hooks (ZeRO's gradient
+            # reduction, ZeRO-3's gathers) and its optimizer state before the next one is built
+            self.engine.destroy()
+            self.engine = None
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
         if self.peft is not None:  # a new stage after a LoRA one starts from the merged weights
             self.model, self.peft = self.peft.merge_and_unload(), None
         if lora is not None:

@@ -95,6 +95,45 @@ def test_world_size_2_zero2_equals_single_process(setup):
     assert max_rel_diff(two, ref) < 1e-5
 
 
+def test_a_new_stage_on_the_same_learner_equals_fresh_optimizers(setup):
+    """configure() a second time (a new stage on learners kept from the last one: the pipeline's
+    cluster.reuse_learners) keeps the weights and starts a new optimizer, and nothing of the
+    first engine acts on the second stage's backward: ZeRO-2's gradient hooks of the first
+    engine, left in place, would also reduce and drop the gradients (the weights then differ from
+    the reference, or the step fails; Learner.configure destroys it). Reference: plain torch, a
+    new AdamW per stage."""
+    from posttrain.cluster import LearnerGroup
+    from posttrain.objectives import SFTObjective, StepCounts
+
+    tok, examples = setup
+    first, second = examples[:4], examples[4:]
+    torch.manual_seed(SEED)
+    model = build_model(MODEL, **token_ids(tok))
+    for part in (first, second):
+        batch = collate(part, tok.pad_token_id)
+        hidden, aux = forward_hidden(model, batch.input_ids, position_ids=batch.position_ids)
+        mask = batch.targets != -100
+        loss = -(token_logprobs(model, hidden, batch.targets) * mask).sum() / mask.sum() + 0.0 * aux
+        loss.backward()
+        torch.optim.AdamW(model.parameters(), lr=OPTIM.lr, betas=OPTIM.betas, eps=OPTIM.eps, weight_decay=0.0).step()
+        model.zero_grad()
+    want = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    group = LearnerGroup(ClusterConfig(learners=1, cpus_per_learner=0.5), MODEL, None,
+                         token_ids=token_ids(tok), seed=SEED)
+    try:
+        for part in (first, second):
+            group.configure(OPTIM, SCHED, LearnerConfig(zero_stage=2), 10)
+            per_rank = [[collate(part, tok.pad_token_id)]]
+            group.train_step(SFTObjective(), per_rank, StepCounts(tokens=sum(ex.n_trained for ex in part)))
+        got = group.state_dict()
+    finally:
+        group.shutdown()
+    torch.manual_seed(SEED)
+    assert max_rel_diff(want, build_model(MODEL, **token_ids(tok)).state_dict()) > 1e-4  # the steps moved
+    assert max_rel_diff(got, want) < 1e-5
+
+
 def test_step_metrics_are_summed_over_micro_batches_and_read_back_once():
     """A step's metric sums (tensors kept on their device until after the optimizer step, then
     read back in one copy; Python numbers as they are) equal the per-micro-batch sums, in the
