@@ -48,6 +48,11 @@ class ClusterConfig:
     # workers share the machine, and oversubscribed OpenMP threads spin - a tiny-model SFT
     # step measured 0.27 s with 1 thread and 2.4 s with 2 on a busy 2-core machine.
     torch_threads: int = 1
+    # keep the learner actors from one stage to the next when it starts from the weights they
+    # hold (init from the stage just run here, no LoRA on either side, the same model
+    # overrides): no new processes, CUDA contexts or compiled kernels per stage. Off until it is
+    # measured on a GPU, where a stage hand-over took 40-60 s (docs/gpu.md, session 10)
+    reuse_learners: bool = False
 
     def __post_init__(self) -> None:
         checks = [

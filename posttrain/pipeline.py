@@ -99,6 +99,7 @@ def run_recipe(cfg: RecipeConfig, *, resume: bool = False, overwrite: bool = Fal
     manifests: dict[str, dict[str, Any]] = {}
     results: list[dict[str, Any]] = []
     previous: Optional[str] = None
+    kept: Optional[tuple[Any, Any]] = None  # (learner group, the stage it just ran) for cluster.reuse_learners
     try:
         for i, stage in enumerate(cfg.stages):
             stage_dir = run_dir / "stages" / f"{i:02d}-{stage.name}"
@@ -111,18 +112,34 @@ def run_recipe(cfg: RecipeConfig, *, resume: bool = False, overwrite: bool = Fal
             manifest_path = stage_dir / "manifest.json"
             if manifest_path.exists():
                 console.print(f"[green]{stage.name}: already complete, skipped[/green]")
+                if kept is not None:  # (stages complete in order: learners are kept only while running)
+                    kept[0].shutdown()
+                    kept = None
                 manifest = json.loads(manifest_path.read_text())
             else:
                 console.rule(f"stage {i}: {stage.name} ({stage.kind})")
                 ctx = StageContext(cfg.model, cfg.cluster, cfg.seed, run_dir, stage_dir, tokenizer, tok_dir,
                                    init_path, logger, console, seed=cfg.seed + i, placement=placement,
                                    init_adapter=init_adapter)
-                learners = LearnerGroup(cfg.cluster, cfg.model.with_overrides(stage.model_overrides), init_path,
-                                        token_ids=token_ids(tokenizer), seed=cfg.seed, placement=placement)
+                if kept is not None and continues(kept[1], stage, source):
+                    learners = kept[0]
+                    console.print(f"{stage.name}: the learners of {kept[1].name} go on with its final weights",
+                                  highlight=False)
+                else:
+                    if kept is not None:
+                        kept[0].shutdown()
+                    learners = LearnerGroup(cfg.cluster, cfg.model.with_overrides(stage.model_overrides), init_path,
+                                            token_ids=token_ids(tokenizer), seed=cfg.seed, placement=placement)
+                kept = None
                 console.print(placement_line(learners.placements()), highlight=False)
                 try:
                     manifest = STAGES[stage.kind].run(ctx, stage, learners)
-                finally:
+                except BaseException:
+                    learners.shutdown()
+                    raise
+                if cfg.cluster.reuse_learners:
+                    kept = (learners, stage)
+                else:
                     learners.shutdown()
             manifests[stage.name] = manifest
             kill_point("stage_done", stage.name)
@@ -131,12 +148,23 @@ def run_recipe(cfg: RecipeConfig, *, resume: bool = False, overwrite: bool = Fal
                             "params": manifest.get("params"), "adapter": (manifest.get("lora") or {}).get("adapter")})
             previous = stage.name
     finally:
+        if kept is not None:
+            kept[0].shutdown()
         logger.close()
         placement.remove()
     summary = {"recipe": cfg.name, "run_dir": str(run_dir), "stages": results}
     write_json_atomic(run_dir / "summary.json", summary)
     console.print(summary_table(summary))
     return summary
+
+
+def continues(last: Any, stage: Any, source: Optional[str]) -> bool:
+    """Whether `stage` can train on the learners `last` (the stage run just before it in this
+    process) leaves behind: it starts from `last`'s final weights, which those learners hold
+    (the checkpoint was written from them), with the same model overrides, and neither stage
+    trains LoRA adapters (their checkpoints are a base plus an adapter, not the learners' view)."""
+    return (source == last.name and stage.lora is None and last.lora is None
+            and stage.model_overrides == last.model_overrides)
 
 
 def placement_line(ranks: list[dict[str, Any]]) -> str:

@@ -25,7 +25,7 @@ RECIPE = """
 name: faults
 seed: 3
 model: {{preset: tiny-hybrid}}
-cluster: {{num_cpus: 2}}
+cluster: {{num_cpus: 2, reuse_learners: true}}
 run_dir: {run_dir}
 stages:
   - name: a
@@ -84,6 +84,9 @@ def test_driver_killed_at_each_point_resumes_to_identical_weights(tmp_path):
     straight = tmp_path / "straight"
     rc, out = _run(recipe(straight))
     assert rc == 0, out[-3000:]
+    # cluster.reuse_learners: the uninterrupted run trains b on a's learners; below, every run
+    # that reaches b after a kill trains it on new ones, and the weights must not tell them apart
+    assert "b: the learners of a go on with its final weights" in out, out[-3000:]
 
     broken = tmp_path / "broken"
     r = recipe(broken)
@@ -114,6 +117,7 @@ def test_driver_killed_at_each_point_resumes_to_identical_weights(tmp_path):
         else:
             assert rc == (-signal.SIGKILL if nxt else 0), (point, rc, out[-3000:])
     assert "b: resuming" not in after["stage_done:a"]  # stage b started fresh from a's manifest
+    assert "go on with its final weights" not in after["stage_done:a"]  # on new learners
 
     for stage in ("00-a", "01-b"):
         a = load_file(str(straight / "stages" / stage / "final" / "model.safetensors"))

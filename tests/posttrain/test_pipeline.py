@@ -117,3 +117,23 @@ def test_killed_run_resumes_to_identical_weights(tmp_path):
     p = cli("run", str(recipe), "--resume")
     out, _ = p.communicate(timeout=600)
     assert p.returncode == 0 and "already complete" in out
+
+
+def test_learners_are_kept_only_for_a_stage_that_starts_from_their_weights():
+    """cluster.reuse_learners keeps the learners for the next stage only when it starts from the
+    stage they just ran, with the same model overrides and no LoRA on either side (a LoRA
+    stage's checkpoint is a base plus an adapter, not the learners' view)."""
+    from types import SimpleNamespace
+
+    from posttrain.pipeline import continues
+
+    def st(name, lora=None, overrides=None):
+        return SimpleNamespace(name=name, lora=lora, model_overrides=overrides or {})
+
+    a = st("a")
+    assert continues(a, st("b"), "a")
+    assert not continues(a, st("b"), "sft")  # init_from another stage
+    assert not continues(a, st("b", lora=object()), "a")
+    assert not continues(st("a", lora=object()), st("b"), "a")
+    assert not continues(a, st("b", overrides={"gradient_checkpointing": True}), "a")
+
