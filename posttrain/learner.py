@@ -206,6 +206,36 @@ def placement_info(device: Any) -> dict[str, Any]:
                if torch.device(device).type == "cuda" else {})}
 
 
+def release_engine(engine: Any) -> None:
+    """Let a DeepSpeed engine, its optimizer state included, be freed while its module lives on
+    (the next stage's engine wraps the same module). `engine.destroy()` drops the optimizer's
+    hooks but leaves the forward pre/post hooks the engine put on the module; their closures hold
+    the engine, so every kept stage leaked the last one's optimizer (2.5 GiB per stage for the
+    196M-parameter GPU recipe: fp32 master weights and two Adam moments) and ran its forward
+    prologue on every forward."""
+    from deepspeed.runtime.zero import parameter_offload
+
+    engine.destroy()
+    for name in ("module_forward_pre_hook", "module_forward_post_hook", "first_dataloader_check"):
+        handle = getattr(engine, name, None)
+        if handle is not None:
+            handle.remove()
+            setattr(engine, name, None)
+    # ZeRO-3 pushes the engine's top module onto a module-level stack that nothing pops: it (and
+    # through its parameters the optimizer) would outlive the engine
+    stack = parameter_offload.FWD_MODULE_STACK
+    stack[:] = [m for m in stack if m is not engine.module]
+
+
+def live_engines() -> int:
+    """DeepSpeed engines this process still holds (a learner rank: one; more means a kept
+    stage's engine, with its optimizer state, was not freed: see release_engine)."""
+    from deepspeed import DeepSpeedEngine
+
+    gc.collect()
+    return sum(isinstance(o, DeepSpeedEngine) for o in gc.get_objects())
+
+
 class Learner:
     """One rank: model + DeepSpeed engine. Build with `Learner(...)`, then `configure(...)`
     once per stage (a new optimizer and schedule), then `train_step(...)` repeatedly."""
@@ -248,13 +278,13 @@ class Learner:
         # seed, on new learners and on learners kept from the last stage alike (a resumed run,
         # whose learners are new, draws what an uninterrupted one with kept learners drew)
         torch.manual_seed(self.seed)
-        if self.engine is not None and self.zero3:  # a new stage: whole (merged) weights, no ZeRO-3 hooks
-            self.model, self.peft = self._consolidated(), None
-        elif self.engine is not None:  # a new stage: keep the weights, drop optimizer state
-            self.model = self.engine.module
-        if self.engine is not None:  # the last stage's engine lets go of its hooks (ZeRO's gradient
-            # reduction, ZeRO-3's gathers) and its optimizer state before the next one is built
-            self.engine.destroy()
+        if self.engine is not None:  # a new stage: keep the weights, drop the last engine (its hooks:
+            # ZeRO's gradient reduction, ZeRO-3's gathers) and its optimizer state before the next
+            if self.zero3:  # whole (merged) weights in a plain module, no ZeRO-3 partitions
+                self.model, self.peft = self._consolidated(), None
+            else:
+                self.model = self.engine.module
+            release_engine(self.engine)
             self.engine = None
             gc.collect()
             if self.device.type == "cuda":
@@ -382,8 +412,6 @@ class Learner:
         base = self.module
         plain = type(base)(base.config)
         plain.load_state_dict(state)  # into the class's default dtype: the engine casts (bf16/fp16 config)
-        self.engine.destroy()
-        self.engine = None
         return plain.to(self.device)
 
     def placement(self) -> dict[str, Any]:

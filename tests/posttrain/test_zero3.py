@@ -27,6 +27,7 @@ import torch
 from posttrain.cluster import LearnerGroup, RolloutGroup
 from posttrain.config import ClusterConfig, LearnerConfig, ModelConfig, OptimConfig, ScheduleConfig
 from posttrain.data import Example, collate
+from posttrain.learner import live_engines
 from posttrain.objectives import GRPOLoss, PolicyObjective, SFTObjective, StepCounts
 from posttrain.rollout import RolloutConfig, SamplingConfig
 from posttrain.stages.common import shard
@@ -245,6 +246,9 @@ def test_next_stages_keep_the_weights_with_and_without_lora(z3, tmp_path):
     assert max_rel_diff(z3.state_dict(), merged) == 0.0
     assert 0.4 < z3.call_rank0(local_share) < 0.6
     step(z3, examples(seed=5))
+    # three stages on these ranks, one engine alive (ZeRO-3 kept the old ones through its hooks
+    # and its module stack)
+    assert z3.call_rank0(lambda _model: live_engines()) == 1
 
 
 def test_offloaded_zero3_step_equals_plain_torch(z3):
