@@ -49,6 +49,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 from dataclasses import dataclass
@@ -512,15 +513,17 @@ def plot(results: list[dict], path: Path, title: str) -> Optional[Path]:
     done = [r for r in results if "rate" in r.get("posttrain", {}) and "rate" in r.get("trl", {})]
     if not done:
         return None
-    fig, ax = plt.subplots(figsize=(1.3 * len(done) + 2, 4))
+    width = 1.3 * len(done) + 2
+    fig, ax = plt.subplots(figsize=(width, 4))
     xs = range(len(done))
     ratios = [r["posttrain"]["rate"] / r["trl"]["rate"] for r in done]
     bars = ax.bar(xs, ratios, color=["tab:green" if x >= 1 else "tab:red" for x in ratios])
     ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_ylim(0, max(ratios + [1.0]) * 1.12)  # room for the bar labels
     ax.bar_label(bars, labels=[f"{x:.2f}x" for x in ratios])
     ax.set_xticks(list(xs), [f"{r['family']}\n{r['stage']}" for r in done])
     ax.set_ylabel("throughput posttrain / TRL")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, int(width * 12)), fontsize=9)  # wrapped: a 2-row figure clipped it
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
