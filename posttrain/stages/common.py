@@ -123,6 +123,9 @@ class StageContext:
     placement: Optional[Placement] = None  # the run's reservation of Ray resources (None: unplaced)
     step_clock: float = field(default_factory=time.perf_counter)  # end of the previous step's bookkeeping
     init_adapter: Optional[str] = None  # lora.continue_adapter: the PEFT adapter dir to keep training on init_path
+    # when the pipeline began the stage, before its learners start (the stage's wall time; after
+    # --resume, of the resumed part)
+    started: float = field(default_factory=time.perf_counter)
 
     @property
     def final_dir(self) -> Path:
@@ -322,11 +325,17 @@ def finish_stage(ctx: StageContext, learners: Learners, stage_cfg: StageConfig,
     params = learners.call_rank0(parameter_counts)
     ctx.console.print(f"{stage_cfg.name}: trained {params['trainable']:,.0f} of {params['total']:,.0f} parameters "
                       f"({params['trainable_share']:.2%})")
+    speed = throughput([r for r in ctx.logger.rows(stage_cfg.name) if r["split"] == "train"])
+    # the stage's whole wall time: its learners' and workers' start, evals and checkpoints too
+    # (on a GPU the part outside the steps was 17-48 s per stage: docs/gpu.md, session 11)
+    speed["stage_seconds"] = time.perf_counter() - ctx.started
+    ctx.console.print(f"{stage_cfg.name}: {speed['seconds']:.1f} s in training steps of {speed['stage_seconds']:.1f} s "
+                      f"in the stage (start, evals, checkpoints)", highlight=False)
     manifest = {
         "name": stage_cfg.name, "kind": stage_cfg.kind, "checkpoint": str(ctx.final_dir),
         "tokenizer": str(ctx.tokenizer_dir), "init_from": ctx.init_path,
         "config": dataclasses.asdict(stage_cfg), "eval": eval_metrics, "train": train_metrics,
-        "throughput": throughput([r for r in ctx.logger.rows(stage_cfg.name) if r["split"] == "train"]),
+        "throughput": speed,
         "plots": [str(p) for p in plots], "params": params,
         "lora": None if stage_cfg.lora is None else {"adapter": str(ctx.final_dir / "adapter"), "base": ctx.init_path},
     }

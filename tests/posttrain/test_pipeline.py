@@ -51,11 +51,17 @@ def cli(*args: str, **kw) -> subprocess.Popen:
 @pytest.mark.slow
 def test_sft_learns_and_writes_outputs(tmp_path):
     run_dir = tmp_path / "run"
+    began = time.perf_counter()
     proc = cli("run", str(write_recipe(tmp_path, run_dir, steps=300, every=0)))
     out, _ = proc.communicate(timeout=900)
+    wall = time.perf_counter() - began
     assert proc.returncode == 0, out[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [s["name"] for s in summary["stages"]] == ["sft"]
+    # the stage's wall time holds its steps plus the learner's start and two evals, within the run's
+    speed = summary["stages"][0]["throughput"]
+    assert 0 < speed["seconds"] < speed["stage_seconds"] < wall, (speed, wall)
+    assert f"{speed['seconds']:.1f} s in training steps of {speed['stage_seconds']:.1f} s in the stage" in out
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if r["split"] == "eval"]
     before, after = evals[0], evals[-1]
