@@ -14,12 +14,22 @@ any prompt_completion / rl file with those two keys works). It returns
      "needle": {"cells": [{"length", "depth", "accuracy", "n"}, ...], "plot": PNG path}}
 
 and draws the cells as a heatmap (depth down, length across).
+
+Every eval also writes its per-row hits to <stage_dir>/eval/<stage>-step<N>.json. From the
+second eval of a stage on, the result carries `gain`: the change since the stage's first eval
+(step 0, before any update) on the same rows, with the standard error of that paired difference
+(`paired_gain`). Did the stage help beyond noise is then read from one number, z.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from posttrain.data.io import write_json_atomic
 from posttrain.data.tasks.needle import cell_accuracy, has_cells, per_cell_limit, plot_cells
 
 
@@ -101,7 +111,47 @@ def held_out_eval(ctx: Any, learners: Any, records: Sequence[Any], task: Optiona
         return needle_eval(ctx, learners, records, task, cfg, stage=stage, step=step)
     records = records[: cfg.limit] if cfg.limit else records
     hits = greedy_hits(ctx, learners, records, answer_check(task), cfg.max_new_tokens)
-    return {"accuracy": sum(hits) / len(hits), "n": len(hits)}
+    return {"accuracy": sum(hits) / len(hits), "n": len(hits), **gain_since_start(ctx, records, hits, stage, step)}
+
+
+def paired_gain(before: Sequence[bool], after: Sequence[bool]) -> dict[str, Any]:
+    """The change of exact-match accuracy between two evals of the same n rows, row i scored
+    before_i then after_i. With d_i = after_i - before_i (each -1, 0 or +1):
+
+        delta = mean(d) = accuracy(after) - accuracy(before)
+        se    = sqrt(sum_i (d_i - delta)^2 / (n - 1) / n)     (standard error of a paired mean)
+        z     = delta / se
+
+    Pairing takes each row's own difficulty out of the noise: rows that stay right (or wrong)
+    add nothing to se, which is why se is at most, and usually well under, the unpaired
+    sqrt(p1 (1 - p1) / n + p2 (1 - p2) / n) of two independent samples. se and z are None
+    for n < 2; z is None when se is 0 (no row changed, or all changed the same way)."""
+    if len(before) != len(after) or not before:
+        raise ValueError(f"paired_gain needs two equally long, non-empty hit lists, got {len(before)} and {len(after)}")
+    n = len(before)
+    d = [int(bool(a)) - int(bool(b)) for b, a in zip(before, after)]
+    delta = sum(d) / n
+    se = math.sqrt(sum((x - delta) ** 2 for x in d) / (n - 1) / n) if n > 1 else None
+    return {"start": sum(map(bool, before)) / n, "end": sum(map(bool, after)) / n, "delta": delta, "se": se,
+            "z": delta / se if se else None, "n": n, "improved": d.count(1), "regressed": d.count(-1)}
+
+
+def gain_since_start(ctx: Any, records: Sequence[Any], hits: Sequence[bool], stage: str, step: int) -> dict[str, Any]:
+    """Write this eval's hits beside the stage (<stage_dir>/eval/<stage>-step<step>.json, with a
+    digest of its rows); after step 0, {"gain": paired_gain(step 0's hits, these)} when the
+    stage's step-0 eval scored the same rows, else {}. A resumed stage finds its step-0 file
+    from before the interruption."""
+    rows = hashlib.sha256(json.dumps([[str(getattr(r, "prompt", "")), _reference(r)] for r in records]).encode()).hexdigest()
+    write_json_atomic(_hits_path(ctx, stage, step), {"rows": rows, "hits": [int(bool(h)) for h in hits]})
+    first = _hits_path(ctx, stage, 0)
+    if step == 0 or not first.exists():
+        return {}
+    start = json.loads(first.read_text())
+    return {"gain": paired_gain(start["hits"], hits)} if start["rows"] == rows else {}
+
+
+def _hits_path(ctx: Any, stage: str, step: int) -> Path:
+    return Path(ctx.stage_dir) / "eval" / f"{stage}-step{step}.json"
 
 
 def answer_check(task: Optional[str]) -> Callable[[str, str], bool]:
@@ -142,4 +192,5 @@ def needle_eval(ctx: Any, learners: Any, records: Sequence[Any], task: Optional[
     accuracy = sum(hits) / len(hits)
     plot = plot_cells(cells, ctx.run_dir / "plots" / f"{stage}_needle_step{step}.png",
                       f"{stage} step {step}: retrieval accuracy {accuracy:.2f} (n={len(hits)})")
-    return {"accuracy": accuracy, "n": len(hits), "needle": {"cells": cells, "plot": str(plot)}}
+    return {"accuracy": accuracy, "n": len(hits), "needle": {"cells": cells, "plot": str(plot)},
+            **gain_since_start(ctx, records, hits, stage, step)}

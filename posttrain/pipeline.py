@@ -184,20 +184,29 @@ def summary_table(summary: dict[str, Any]) -> Table:
     parameters it trained (LoRA: the adapters'), the rest in summary.json. Fits an 80-column
     terminal."""
     keys = [k for k in HEADLINE if any(isinstance(st["eval"].get(k), (int, float)) for st in summary["stages"])]
+    gains = any(st["eval"].get("gain") for st in summary["stages"])
     speed = [k for k in SPEED if any(k in st.get("throughput", {}) for st in summary["stages"])]
     table = Table(title=f"{summary['recipe']}: per-stage held-out eval (all metrics: summary.json)")
-    for col in ["stage", "kind", "trained", *(HEADLINE[k] for k in keys), *(SPEED[k] for k in speed)]:
+    for col in ["stage", "kind", "trained", *(HEADLINE[k] for k in keys), *(["gain (z)"] if gains else []),
+                *(SPEED[k] for k in speed)]:
         table.add_column(col, no_wrap=True)
     for st in summary["stages"]:
         share = (st.get("params") or {}).get("trainable_share")
         table.add_row(st["name"], st["kind"], "-" if share is None else f"{share:.2%}",
-                      *[_fmt(st["eval"].get(k)) for k in keys],
+                      *[_fmt(st["eval"].get(k)) for k in keys], *([_fmt_gain(st["eval"].get("gain"))] if gains else []),
                       *[_fmt(st.get("throughput", {}).get(k), 1) for k in speed])
     return table
 
 
 # Throughput columns, shown when measured (GPU memory only on CUDA).
 SPEED = {"tokens_per_s": "tok/s", "gpu_peak_gib": "GPU GiB"}
+
+
+def _fmt_gain(gain: Optional[dict[str, Any]]) -> str:
+    """The stage's held-out change since its start and its z (posttrain.evals.paired_gain)."""
+    if not gain:
+        return "-"
+    return f"{gain['delta']:+.3f} ({'-' if gain['z'] is None else format(gain['z'], '.1f')})"
 
 
 def _fmt(v: Any, digits: int = 3) -> str:

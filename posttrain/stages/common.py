@@ -152,7 +152,7 @@ def task_files(ctx: StageContext, data: DataConfig) -> dict[str, Path]:
 
 def also_evals(ctx: StageContext, learners: Learners, cfg: EvalConfig, *, stage: str, step: int) -> dict[str, Any]:
     """eval.also: each other task's held-out accuracy with the stage's current weights,
-    {"also": {task: {"accuracy", "n"[, "needle"]}}}; {} when eval.also is empty. The rows are
+    {"also": {task: {"accuracy", "n"[, "needle"][, "gain"]}}}; {} when eval.also is empty. The rows are
     the task's rl_eval file (prompt + answer), else its sft_eval file."""
     from posttrain.data import load_records
     from posttrain.evals import held_out_eval
@@ -311,6 +311,15 @@ def save_state(ctx: StageContext, learners: Learners, step: int, cfg: Checkpoint
     return target
 
 
+def gain_line(gain: dict[str, Any]) -> str:
+    """posttrain.evals.paired_gain in words: 'accuracy START -> END (+CHANGE, paired SE SE, z Z;
+    I rows right now, R wrong now, of N)'."""
+    se, z = gain["se"], gain["z"]
+    noise = f"paired SE {se:.3f}, z {z:.1f}" if z is not None else "no paired noise: z undefined"
+    return (f"accuracy {gain['start']:.3f} -> {gain['end']:.3f} ({gain['delta']:+.3f}, {noise}; "
+            f"{gain['improved']} rows right now, {gain['regressed']} wrong now, of {gain['n']})")
+
+
 def finish_stage(ctx: StageContext, learners: Learners, stage_cfg: StageConfig,
                  eval_metrics: dict[str, Any], train_metrics: dict[str, Any]) -> dict[str, Any]:
     """Write the HF checkpoint (+ tokenizer), plots and the manifest the next stage reads.
@@ -331,6 +340,8 @@ def finish_stage(ctx: StageContext, learners: Learners, stage_cfg: StageConfig,
     speed["stage_seconds"] = time.perf_counter() - ctx.started
     ctx.console.print(f"{stage_cfg.name}: {speed['seconds']:.1f} s in training steps of {speed['stage_seconds']:.1f} s "
                       f"in the stage (start, evals, checkpoints)", highlight=False)
+    if eval_metrics.get("gain"):
+        ctx.console.print(f"{stage_cfg.name}: held-out {gain_line(eval_metrics['gain'])}", highlight=False)
     manifest = {
         "name": stage_cfg.name, "kind": stage_cfg.kind, "checkpoint": str(ctx.final_dir),
         "tokenizer": str(ctx.tokenizer_dir), "init_from": ctx.init_path,

@@ -278,3 +278,96 @@ def test_held_out_eval_scores_cells_for_needle_rows_and_plain_accuracy_otherwise
     assert held_out_eval(ctx, RankZero, plain, None, dataclasses.replace(cfg, limit=3), stage="rl", step=0) == {
         "accuracy": 2 / 3, "n": 3}
     assert held_out_eval(ctx, RankZero, [], None, cfg, stage="rl", step=0) == {}
+
+
+def test_a_later_eval_reports_its_paired_gain_over_the_stage_start(tok, tmp_path):
+    """held_out_eval keeps each eval's per-row hits beside the stage; an eval after step 0 of the
+    same rows reports the change since step 0 (paired_gain). Reference: the model's own greedy
+    outputs with 3 and with 1 new tokens, computed here. Even rows take the 1-token output as
+    their answer, odd rows the 3-token one; step 0 decodes 3 tokens, step 5 one token, so the
+    rows that are right at each step are known without the eval."""
+    from posttrain.config import EvalConfig
+    from posttrain.data import encode_prompt
+    from posttrain.evals import held_out_eval, paired_gain
+    from posttrain.rollout import SamplingParams, generate_on_model
+
+    torch.manual_seed(1)
+    model = build_model(ModelConfig(preset="tiny-hybrid", overrides={"num_hidden_layers": 2}), vocab_size=tok.vocab_size,
+                        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id).eval()
+    files = write_task("needle", tmp_path / "needle", n_train=2, n_eval_per_cell=3, lengths=[40, 96], depths=[0.0, 1.0], seed=2)
+    rows = load_records(files["rl_eval"], "rl").records
+
+    def own(new_tokens):
+        greedy = SamplingParams(temperature=0.0, max_new_tokens=new_tokens, stop_token_ids=(tok.eos_token_id,))
+        return [tok.decode(o, skip_special_tokens=True) for o in generate_on_model(model, [encode_prompt(r, tok) for r in rows], greedy)]
+
+    three, one = own(3), own(1)
+    rows = [dataclasses.replace(r, answer=one[i] if i % 2 == 0 else three[i]) for i, r in enumerate(rows)]
+    before = [r.answer == t for r, t in zip(rows, three)]
+    after = [r.answer == o for r, o in zip(rows, one)]
+    assert sum(before) < len(rows) and sum(after) < len(rows) and before != after
+
+    class RankZero:
+        @staticmethod
+        def call_rank0(fn, *args):
+            return fn(model, *args)
+
+    ctx = _stage_ctx(tok, tmp_path, load_recipe(recipe_path("demo")))
+    cfg = EvalConfig(every=0, max_new_tokens=3)
+    for plain in (False, True):  # needle cells, then plain exact match (rows without length/depth)
+        these = [dataclasses.replace(r, meta={}) for r in rows] if plain else rows
+        stage = "plain" if plain else "rl"
+        start = held_out_eval(ctx, RankZero, these, None, cfg, stage=stage, step=0)
+        assert start["accuracy"] == sum(before) / len(rows) and "gain" not in start
+        end = held_out_eval(ctx, RankZero, these, None, dataclasses.replace(cfg, max_new_tokens=1), stage=stage, step=5)
+        assert end["accuracy"] == sum(after) / len(rows)
+        assert end["gain"] == paired_gain(before, after)
+        assert end["gain"]["improved"] == sum(a and not b for a, b in zip(after, before)) > 0
+        assert end["gain"]["regressed"] == sum(b and not a for a, b in zip(after, before)) > 0
+        hits = json.loads((ctx.stage_dir / "eval" / f"{stage}-step5.json").read_text())["hits"]
+        assert hits == [int(h) for h in after]
+    # other rows (another answer) at a later step: no pairing with step 0's rows
+    other = [dataclasses.replace(r, answer=r.answer + "x") for r in rows]
+    assert "gain" not in held_out_eval(ctx, RankZero, other, None, cfg, stage="rl", step=9)
+
+
+def test_paired_gain_against_a_one_sample_reference():
+    """paired_gain's se is the standard error of the mean of d_i = after_i - before_i; the
+    reference computes it with the statistics module. Swapping before and after negates delta
+    and z and keeps se; rows that do not change add nothing to the noise."""
+    import math
+    import random
+    import statistics
+
+    from posttrain.evals import paired_gain
+
+    before = [0, 0, 0, 0, 1, 1, 1, 1, 1, 1]
+    after = [1, 1, 1, 0, 1, 1, 1, 1, 1, 1]
+    g = paired_gain(before, after)
+    assert (g["start"], g["end"], g["n"], g["improved"], g["regressed"]) == (0.6, 0.9, 10, 3, 0)
+    assert g["delta"] == pytest.approx(0.3)
+    assert g["se"] == pytest.approx(math.sqrt((3 * 0.7 ** 2 + 7 * 0.3 ** 2) / 9 / 10))  # 0.1528
+    assert g["z"] == pytest.approx(0.3 / 0.15275, rel=1e-4)
+
+    rng = random.Random(0)
+    for _ in range(20):
+        n = rng.randint(2, 200)
+        b = [rng.random() < 0.4 for _ in range(n)]
+        a = [x if rng.random() < 0.8 else rng.random() < 0.6 for x in b]
+        d = [int(y) - int(x) for x, y in zip(b, a)]
+        g, back = paired_gain(b, a), paired_gain(a, b)
+        assert g["delta"] == pytest.approx(statistics.fmean(d)) == pytest.approx(sum(a) / n - sum(b) / n)
+        assert g["se"] == pytest.approx(statistics.stdev(d) / math.sqrt(n))
+        assert back["delta"] == pytest.approx(-g["delta"]) and back["se"] == pytest.approx(g["se"])
+        assert g["z"] is None or back["z"] == pytest.approx(-g["z"])
+        # 1000 more rows that do not change shrink delta and se alike: z stays about the same (they
+        # are evidence neither way), where an unpaired z would grow with the common rows
+        more = paired_gain(b + [True] * 1000, a + [True] * 1000)
+        if g["z"] is not None:
+            assert more["z"] == pytest.approx(g["z"], rel=0.25)
+
+    assert paired_gain([1, 0, 1], [1, 0, 1])["z"] is None  # nothing changed: se 0
+    one = paired_gain([0], [1])
+    assert one["delta"] == 1.0 and one["se"] is None and one["z"] is None
+    with pytest.raises(ValueError, match="equally long"):
+        paired_gain([1, 0], [1])

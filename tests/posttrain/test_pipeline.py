@@ -73,8 +73,14 @@ def test_sft_learns_and_writes_outputs(tmp_path):
     assert after["accuracy"] >= 0.03, after
     assert after["loss"] < 0.6 * before["loss"]
     assert summary["stages"][0]["eval"]["accuracy"] == after["accuracy"]
-    for e in (before, after):
-        assert e["also"]["arithmetic"] == {"accuracy": e["accuracy"], "n": 300}
+    assert before["also"]["arithmetic"] == {"accuracy": before["accuracy"], "n": 300}
+    # the change since step 0, paired row by row: the same for the stage's eval and its also-eval
+    # of the same rows, and beyond noise (from ~0 to >= 3% of 300 rows)
+    gain = summary["stages"][0]["eval"]["gain"]
+    assert after["also"]["arithmetic"] == {"accuracy": after["accuracy"], "n": 300, "gain": gain} and after["gain"] == gain
+    assert (gain["start"], gain["end"], gain["n"]) == (before["accuracy"], after["accuracy"], 300)
+    assert gain["delta"] == pytest.approx(after["accuracy"] - before["accuracy"]) and gain["z"] > 2, gain
+    assert f"sft: held-out accuracy {gain['start']:.3f} -> {gain['end']:.3f} ({gain['delta']:+.3f}, paired SE" in out
     assert summary["stages"][0]["eval"]["also"]["arithmetic"]["accuracy"] == after["accuracy"]
     final = run_dir / "stages" / "00-sft" / "final"
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -143,3 +149,34 @@ def test_learners_are_kept_only_for_a_stage_that_starts_from_their_weights():
     assert not continues(st("a", lora=object()), st("b"), "a")
     assert not continues(a, st("b", overrides={"gradient_checkpointing": True}), "a")
 
+
+
+def test_summary_table_shows_each_stages_gain_and_its_z():
+    """The run's closing table has a `gain (z)` column when a stage measured one: delta since the
+    stage's start and z of the paired difference; '-' for a stage without (no step-0 eval of the
+    same rows) and for z when nothing varied."""
+    from rich.console import Console
+
+    from posttrain.evals import paired_gain
+    from posttrain.pipeline import summary_table
+
+    g = paired_gain([0, 0, 0, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 1, 1, 1, 1, 1, 1])
+    flat = paired_gain([1, 0], [1, 0])
+    summary = {"recipe": "t", "stages": [
+        {"name": "sft", "kind": "sft", "eval": {"accuracy": 0.9, "n": 10, "gain": g}},
+        {"name": "dpo", "kind": "dpo", "eval": {"accuracy": 0.9, "n": 10}},
+        {"name": "rl", "kind": "rl", "eval": {"accuracy": 0.5, "n": 2, "gain": flat}}]}
+    console = Console(width=200, record=True)
+    console.print(summary_table(summary))
+    lines = console.export_text().splitlines()
+    header = next(ln for ln in lines if "┃ stage" in ln)
+    assert "gain (z)" in header
+    row = {ln.split()[1]: ln for ln in lines if ln.split()[1:2] in (["sft"], ["dpo"], ["rl"])}
+    assert "+0.300 (2.0)" in row["sft"] and "+0.000 (-)" in row["rl"]
+    assert "(" not in row["dpo"]
+    # no stage with a gain: no column
+    for st in summary["stages"]:
+        st["eval"].pop("gain", None)
+    console = Console(width=200, record=True)
+    console.print(summary_table(summary))
+    assert "gain" not in console.export_text()
