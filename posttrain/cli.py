@@ -11,6 +11,7 @@ VERBS = {
     "run": "run a recipe (a path or a shipped recipe's name) with KEY=VALUE overrides",
     "validate": "check a recipe (types, keys, files) without running anything",
     "recipes": "list the recipes shipped with posttrain",
+    "compare": "each stage's held-out change and its z, across run dirs (seeds, variants)",
 }
 
 
@@ -31,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--resume", action="store_true", help="continue the run in the recipe's run_dir")
             s.add_argument("--overwrite", action="store_true", help="delete an existing run_dir and start over")
     sub.add_parser("recipes", help=VERBS["recipes"])
+    c = sub.add_parser("compare", help=VERBS["compare"])
+    c.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run dirs (finished or not)")
+    c.add_argument("--png", default="compare.png", help="where to draw the changes (default: compare.png)")
     return p
 
 
@@ -48,6 +52,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.verb is None:
         _parser().print_help()
         return 0
+    if args.verb == "compare":
+        return compare(console, args.runs, args.png)
     if args.verb == "recipes":
         from posttrain.config import recipe_path
         from pathlib import Path
@@ -81,6 +87,22 @@ def main(argv: Optional[list[str]] = None) -> int:
             print_error(console, "error", e)
             return 1
         raise
+    return 0
+
+
+def compare(console: Console, runs: list[str], png: str) -> int:
+    from pathlib import Path
+
+    from posttrain.compare import CompareError, compare_table, plot_changes, run_labels, stage_changes
+
+    try:
+        changes = [stage_changes(Path(r)) for r in runs]
+    except CompareError as e:
+        print_error(console, "error", e)
+        return 2
+    labels = run_labels([Path(r) for r in runs])
+    console.print(compare_table(labels, changes))
+    console.print(f"plot: {plot_changes(labels, changes, Path(png))}", highlight=False)
     return 0
 
 
