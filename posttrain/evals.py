@@ -123,9 +123,10 @@ def paired_gain(before: Sequence[bool], after: Sequence[bool]) -> dict[str, Any]
         z     = delta / se
 
     Pairing takes each row's own difficulty out of the noise: rows that stay right (or wrong)
-    add nothing to se, which is why se is at most, and usually well under, the unpaired
-    sqrt(p1 (1 - p1) / n + p2 (1 - p2) / n) of two independent samples. se and z are None
-    for n < 2; z is None when se is 0 (no row changed, or all changed the same way)."""
+    add nothing to se. Where the two evals' hits go together, as when a stage moves a few rows
+    of many, se is well under the unpaired sqrt(p1 (1 - p1) / n + p2 (1 - p2) / n) of two
+    independent samples. se and z are None for n < 2; z is None when se is 0 (no row changed,
+    or all changed the same way)."""
     if len(before) != len(after) or not before:
         raise ValueError(f"paired_gain needs two equally long, non-empty hit lists, got {len(before)} and {len(after)}")
     n = len(before)
