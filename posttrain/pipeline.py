@@ -187,7 +187,7 @@ def summary_table(summary: dict[str, Any]) -> Table:
     gains = any(st["eval"].get("gain") for st in summary["stages"])
     speed = [k for k in SPEED if any(k in st.get("throughput", {}) for st in summary["stages"])]
     table = Table(title=f"{summary['recipe']}: per-stage held-out eval (all metrics: summary.json)")
-    for col in ["stage", "kind", "trained", *(HEADLINE[k] for k in keys), *(["gain (z)"] if gains else []),
+    for col in ["stage", "kind", "trained", *(HEADLINE[k] for k in keys), *(["acc gain (z)"] if gains else []),
                 *(SPEED[k] for k in speed)]:
         table.add_column(col, no_wrap=True)
     for st in summary["stages"]:

@@ -152,7 +152,7 @@ def test_learners_are_kept_only_for_a_stage_that_starts_from_their_weights():
 
 
 def test_summary_table_shows_each_stages_gain_and_its_z():
-    """The run's closing table has a `gain (z)` column when a stage measured one: delta since the
+    """The run's closing table has an `acc gain (z)` column (exact match) when a stage measured one: delta since the
     stage's start and z of the paired difference; '-' for a stage without (no step-0 eval of the
     same rows) and for z when nothing varied."""
     from rich.console import Console
@@ -170,7 +170,7 @@ def test_summary_table_shows_each_stages_gain_and_its_z():
     console.print(summary_table(summary))
     lines = console.export_text().splitlines()
     header = next(ln for ln in lines if "┃ stage" in ln)
-    assert "gain (z)" in header
+    assert "acc gain (z)" in header
     row = {ln.split()[1]: ln for ln in lines if ln.split()[1:2] in (["sft"], ["dpo"], ["rl"])}
     assert "+0.300 (2.0)" in row["sft"] and "+0.000 (-)" in row["rl"]
     assert "(" not in row["dpo"]
