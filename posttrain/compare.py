@@ -7,8 +7,8 @@ per-row hits were kept get the unpaired SE of two accuracies instead, marked `u`
 
     se_unpaired = sqrt(p0 (1 - p0) / n0 + p1 (1 - p1) / n1)
 
-Prints one row per stage and one column per run, "+change (z)", and how many runs changed the
-stage beyond noise (z > 2); draws the changes with +-2 SE bars as a PNG.
+Prints one row per run and one column per stage, "+change (z)", and a last row with how many
+runs changed each stage beyond noise (|z| > 2); draws the changes with +-2 SE bars as a PNG.
 """
 from __future__ import annotations
 
