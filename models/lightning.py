@@ -29,6 +29,8 @@ from typing import Optional
 
 import torch
 
+from posttrain.models.fla_tuning import ensure_pinned
+
 try:  # the CUDA kernels are optional (pip extra `gpu`); import errors mean "not available"
     from fla.ops.simple_gla import chunk_simple_gla as _fla_chunk_simple_gla
     from fla.ops.simple_gla import fused_recurrent_simple_gla as _fla_fused_recurrent
@@ -83,6 +85,7 @@ def lightning_attention(
     """
     _check_inputs(q, k, v, slopes, cu_seqlens, initial_state)
     if q.is_cuda and _fla_chunk_simple_gla is not None:
+        ensure_pinned(q.device)  # once per process: no minutes of autotuning on a known GPU
         o, final = _fla_chunk_simple_gla(
             q, k, v,
             g_gamma=-slopes.float(),

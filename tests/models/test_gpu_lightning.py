@@ -204,3 +204,26 @@ def test_packed_model_loss_and_gradients_equal_documents_alone(tiny_config, dtyp
     assert packed.keys() == alone.keys()
     worst = max(packed, key=lambda name: _rel(packed[name], alone[name]))
     assert _rel(packed[worst], alone[worst]) < 2 * tol, worst
+
+
+def test_a_known_gpu_runs_the_state_kernels_on_their_pinned_config_without_autotuning():
+    from fla.ops.common import chunk_h
+
+    from posttrain.models.fla_tuning import _autotuner, pinned_configs
+
+    configs = pinned_configs(torch.cuda.get_device_name(0))
+    if not configs:
+        pytest.skip(f"no pinned configs for {torch.cuda.get_device_name(0)}")
+    H, D, T = 2, 128, 256
+    q, k, v = (x.requires_grad_() for x in _inputs(1, T, H, D, torch.bfloat16, seed=3))
+    slopes = lightning_slopes(H, 1, 8, device="cuda")
+    o, _ = lightning_attention(q, k, v, slopes)
+    o.float().square().sum().backward()
+    for name, cfg in configs.items():
+        tuner = _autotuner(getattr(chunk_h, name))
+        assert len(tuner.configs) == 1 and tuner.cache == {}  # one config: nothing benchmarked
+        c = tuner.configs[0]
+        assert (c.kwargs, c.num_warps, c.num_stages) == (cfg["kwargs"], cfg["num_warps"], cfg["num_stages"])
+    o_ref, _ = lightning_attention_recurrent(q.detach().double(), k.detach().double(), v.detach().double(),
+                                             slopes.double())
+    assert _rel(o.detach(), o_ref) < TOL[torch.bfloat16]
