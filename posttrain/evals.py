@@ -18,7 +18,8 @@ and draws the cells as a heatmap (depth down, length across).
 Every eval also writes its per-row hits to <stage_dir>/eval/<stage>-step<N>.json. From the
 second eval of a stage on, the result carries `gain`: the change since the stage's first eval
 (step 0, before any update) on the same rows, with the standard error of that paired difference
-(`paired_gain`). Did the stage help beyond noise is then read from one number, z.
+(`paired_gain`). Did the stage help beyond noise is then read from one number, z. A DPO stage
+pairs its held-out preference pairs the same way (`scores_gain`, as `pref_gain`).
 """
 from __future__ import annotations
 
@@ -114,11 +115,12 @@ def held_out_eval(ctx: Any, learners: Any, records: Sequence[Any], task: Optiona
     return {"accuracy": sum(hits) / len(hits), "n": len(hits), **gain_since_start(ctx, records, hits, stage, step)}
 
 
-def paired_gain(before: Sequence[bool], after: Sequence[bool]) -> dict[str, Any]:
-    """The change of exact-match accuracy between two evals of the same n rows, row i scored
-    before_i then after_i. With d_i = after_i - before_i (each -1, 0 or +1):
+def paired_gain(before: Sequence[float], after: Sequence[float]) -> dict[str, Any]:
+    """The change of a mean score between two evals of the same n rows, row i scored before_i
+    then after_i, each in [0, 1]: a hit (True/False, exact match) or a preference pair's score
+    (1 ranked right, 0.5 tied, 0 wrong). With d_i = after_i - before_i:
 
-        delta = mean(d) = accuracy(after) - accuracy(before)
+        delta = mean(d) = mean(after) - mean(before)
         se    = sqrt(sum_i (d_i - delta)^2 / (n - 1) / n)     (standard error of a paired mean)
         z     = delta / se
 
@@ -126,15 +128,20 @@ def paired_gain(before: Sequence[bool], after: Sequence[bool]) -> dict[str, Any]
     add nothing to se. Where the two evals' hits go together, as when a stage moves a few rows
     of many, se is well under the unpaired sqrt(p1 (1 - p1) / n + p2 (1 - p2) / n) of two
     independent samples. se and z are None for n < 2; z is None when se is 0 (no row changed,
-    or all changed the same way)."""
+    or all changed the same way). improved / regressed count the rows with d_i > 0 / < 0."""
     if len(before) != len(after) or not before:
-        raise ValueError(f"paired_gain needs two equally long, non-empty hit lists, got {len(before)} and {len(after)}")
+        raise ValueError(f"paired_gain needs two equally long, non-empty score lists, got {len(before)} and {len(after)}")
+    for name, xs in (("before", before), ("after", after)):
+        bad = next((x for x in xs if not 0.0 <= float(x) <= 1.0), None)
+        if bad is not None:
+            raise ValueError(f"paired_gain: {name} holds {bad!r}; scores are in [0, 1]")
     n = len(before)
-    d = [int(bool(a)) - int(bool(b)) for b, a in zip(before, after)]
+    d = [float(a) - float(b) for b, a in zip(before, after)]
     delta = sum(d) / n
     se = math.sqrt(sum((x - delta) ** 2 for x in d) / (n - 1) / n) if n > 1 else None
-    return {"start": sum(map(bool, before)) / n, "end": sum(map(bool, after)) / n, "delta": delta, "se": se,
-            "z": delta / se if se else None, "n": n, "improved": d.count(1), "regressed": d.count(-1)}
+    return {"start": sum(map(float, before)) / n, "end": sum(map(float, after)) / n, "delta": delta, "se": se,
+            "z": delta / se if se else None, "n": n, "improved": sum(x > 0 for x in d),
+            "regressed": sum(x < 0 for x in d)}
 
 
 def gain_since_start(ctx: Any, records: Sequence[Any], hits: Sequence[bool], stage: str, step: int) -> dict[str, Any]:
@@ -143,12 +150,20 @@ def gain_since_start(ctx: Any, records: Sequence[Any], hits: Sequence[bool], sta
     stage's step-0 eval scored the same rows, else {}. A resumed stage finds its step-0 file
     from before the interruption."""
     rows = hashlib.sha256(json.dumps([[str(getattr(r, "prompt", "")), _reference(r)] for r in records]).encode()).hexdigest()
-    write_json_atomic(_hits_path(ctx, stage, step), {"rows": rows, "hits": [int(bool(h)) for h in hits]})
-    first = _hits_path(ctx, stage, 0)
+    gain = scores_gain(ctx, rows, [int(bool(h)) for h in hits], stage, step)
+    return {"gain": gain} if gain else {}
+
+
+def scores_gain(ctx: Any, rows: str, scores: Sequence[float], name: str, step: int) -> Optional[dict[str, Any]]:
+    """Keep one eval's per-row scores in [0, 1] (<stage_dir>/eval/<name>-step<step>.json, with
+    `rows`, a digest of what was scored); after step 0, paired_gain(step 0's scores, these) when
+    step 0 scored the same rows, else None."""
+    write_json_atomic(_hits_path(ctx, name, step), {"rows": rows, "hits": list(scores)})
+    first = _hits_path(ctx, name, 0)
     if step == 0 or not first.exists():
-        return {}
+        return None
     start = json.loads(first.read_text())
-    return {"gain": paired_gain(start["hits"], hits)} if start["rows"] == rows else {}
+    return paired_gain(start["hits"], scores) if start["rows"] == rows else None
 
 
 def _hits_path(ctx: Any, stage: str, step: int) -> Path:

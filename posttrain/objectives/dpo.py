@@ -23,7 +23,7 @@ import torch
 from posttrain.algorithms import dpo_loss
 from posttrain.algorithms.custom import call_preference_loss, preference_loss_signature_error
 from posttrain.data.collate import IGNORE_INDEX, Batch
-from posttrain.objectives.common import StepCounts, map_batches, segment_sums, target_logprobs
+from posttrain.objectives.common import Gathered, StepCounts, map_batches, segment_sums, target_logprobs
 from posttrain.rollout import resolve_callable
 
 
@@ -240,11 +240,13 @@ class DPOObjective:
     Metrics are contributions that sum to means over the step's pairs: the loss's (rewards/*,
     logps/*, loss/*), `pref_accuracy` (implicit reward of chosen > rejected, ties within
     PREF_TIE_NATS count 1/2) and `logp_accuracy` (raw log-prob of chosen > rejected); `pairs`
-    sums to the pair count.
+    sums to the pair count. With `per_pair` (held-out evals) also `pair_scores`, Gathered: each
+    pair's own pref_accuracy score (1, 0.5 or 0) `[B]`, in batch order, for a paired gain.
     """
 
     loss: PreferenceLoss
     chunk_size: int = 1024  # learner.loss_chunk_size
+    per_pair: bool = False
 
     def __call__(self, model: torch.nn.Module, batch: AnyPreferenceBatch, counts: StepCounts
                  ) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -257,9 +259,12 @@ class DPOObjective:
         share = B / num_pairs
         margin = ((seq[:B] - ref[:B]) - (seq[B:] - ref[B:])).detach()  # [B]
         tie = margin.abs() <= PREF_TIE_NATS
+        scores = (margin > PREF_TIE_NATS).double() + 0.5 * tie.double()  # [B]: 1 right, 0.5 tie, 0 wrong
         metrics = {k: (v if k == "loss" else v * share) for k, v in m.items()}
+        if self.per_pair:
+            metrics["pair_scores"] = Gathered(scores.cpu())
         metrics.update({
-            "pref_accuracy": ((margin > PREF_TIE_NATS).sum() + 0.5 * tie.sum()) / num_pairs,
+            "pref_accuracy": scores.sum() / num_pairs,
             "logp_accuracy": (seq[:B] > seq[B:]).sum().detach() / num_pairs,
             "aux_loss": (aux * share).detach(),
             "pairs": float(B),

@@ -311,13 +311,15 @@ def save_state(ctx: StageContext, learners: Learners, step: int, cfg: Checkpoint
     return target
 
 
-def gain_line(gain: dict[str, Any]) -> str:
+def gain_line(gain: dict[str, Any], what: str = "accuracy", moved: tuple[str, str] = ("rows right now", "wrong now")
+              ) -> str:
     """posttrain.evals.paired_gain in words: 'accuracy START -> END (+CHANGE, paired SE SE, z Z;
-    I rows right now, R wrong now, of N)'."""
+    I rows right now, R wrong now, of N)'; `what` names the score, `moved` the rows that went up
+    and down."""
     se, z = gain["se"], gain["z"]
     noise = f"paired SE {se:.3f}, z {z:.1f}" if z is not None else "no paired noise: z undefined"
-    return (f"accuracy {gain['start']:.3f} -> {gain['end']:.3f} ({gain['delta']:+.3f}, {noise}; "
-            f"{gain['improved']} rows right now, {gain['regressed']} wrong now, of {gain['n']})")
+    return (f"{what} {gain['start']:.3f} -> {gain['end']:.3f} ({gain['delta']:+.3f}, {noise}; "
+            f"{gain['improved']} {moved[0]}, {gain['regressed']} {moved[1]}, of {gain['n']})")
 
 
 def finish_stage(ctx: StageContext, learners: Learners, stage_cfg: StageConfig,
@@ -342,6 +344,9 @@ def finish_stage(ctx: StageContext, learners: Learners, stage_cfg: StageConfig,
                       f"in the stage (start, evals, checkpoints)", highlight=False)
     if eval_metrics.get("gain"):
         ctx.console.print(f"{stage_cfg.name}: held-out {gain_line(eval_metrics['gain'])}", highlight=False)
+    if eval_metrics.get("pref_gain"):
+        line = gain_line(eval_metrics["pref_gain"], "preference accuracy", ("pairs ranked better now", "worse now"))
+        ctx.console.print(f"{stage_cfg.name}: held-out {line}", highlight=False)
     manifest = {
         "name": stage_cfg.name, "kind": stage_cfg.kind, "checkpoint": str(ctx.final_dir),
         "tokenizer": str(ctx.tokenizer_dir), "init_from": ctx.init_path,

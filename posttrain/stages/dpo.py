@@ -20,6 +20,8 @@ file and pair. Chunked LM-head CE (learner.loss_chunk_size) and gradient checkpo
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -29,7 +31,7 @@ from typing import Any, Literal, Optional, TypeVar
 from posttrain.checkpoint import write_json_atomic, write_jsonl_atomic
 from posttrain.cluster import ClusterConfig
 from posttrain.data import load_records
-from posttrain.evals import held_out_eval
+from posttrain.evals import held_out_eval, scores_gain
 from posttrain.learner import Learners
 from posttrain.objectives import DPOObjective, PreferenceLoss, SigmoidDPOLoss, StepCounts
 from posttrain.progress import stage_progress
@@ -106,7 +108,8 @@ def run_dpo(ctx: StageContext, cfg: DPOStageConfig, learners: Learners) -> dict[
 
     def evaluate(step: int) -> dict[str, Any]:
         metrics = held_out_eval(ctx, learners, task_records, cfg.data.task, cfg.eval, stage=cfg.name, step=step)
-        metrics.update(preference_eval(learners, objective, eval_pairs, pad_id, cfg.batch.micro_size, pack_len))
+        metrics.update(preference_eval(learners, objective, eval_pairs, pad_id, cfg.batch.micro_size, pack_len,
+                                       gain_at=(ctx, cfg.name, step)))
         metrics.update(also_evals(ctx, learners, cfg.eval, stage=cfg.name, step=step))
         ctx.logger.log(cfg.name, "eval", step, metrics)
         return metrics
@@ -232,16 +235,28 @@ def load_task_eval(ctx: StageContext, cfg: DPOStageConfig) -> list[Any]:
 
 
 def preference_eval(learners: Learners, objective: DPOObjective, pairs: list[Pair], pad_id: int, micro_size: int,
-                    pack_len: Optional[int] = None) -> dict[str, float]:
+                    pack_len: Optional[int] = None, gain_at: Optional[tuple[Any, str, int]] = None) -> dict[str, Any]:
     """Held-out pairs: pref_accuracy (implicit reward ranks chosen first; ties count 1/2),
     logp_accuracy (raw log-probs do), pref_loss and the reward margin, means over pairs.
-    pack_len: pack each micro-batch into rows of that many tokens (as training does)."""
+    pack_len: pack each micro-batch into rows of that many tokens (as training does).
+    gain_at (ctx, stage, step): keep each pair's score and, after step 0, add `pref_gain`, the
+    paired change of pref_accuracy since the stage's step-0 eval (posttrain.evals.paired_gain)."""
     world = learners.world_size
     pairs = pairs[: len(pairs) - len(pairs) % world]
     if not pairs:
         return {}
     micro = micro_batches(pairs, world, micro_size, lambda mb: preference_batch(mb, pad_id, pack_len))
-    m = learners.evaluate(objective, micro, StepCounts(sequences=len(pairs)))
-    return {"pref_accuracy": m["pref_accuracy"], "logp_accuracy": m["logp_accuracy"], "pref_loss": m["loss"],
-            "reward_margin": m["rewards/margins"], "reward_chosen": m["rewards/chosen"],
-            "reward_rejected": m["rewards/rejected"], "pref_pairs": m["pairs"]}
+    m = learners.evaluate(dataclasses.replace(objective, per_pair=True), micro, StepCounts(sequences=len(pairs)))
+    out: dict[str, Any] = {
+        "pref_accuracy": m["pref_accuracy"], "logp_accuracy": m["logp_accuracy"], "pref_loss": m["loss"],
+        "reward_margin": m["rewards/margins"], "reward_chosen": m["rewards/chosen"],
+        "reward_rejected": m["rewards/rejected"], "pref_pairs": m["pairs"]}
+    if gain_at is not None:
+        ctx, stage, step = gain_at
+        scores = [float(x) for t in m["pair_scores"] for x in t.tolist()]  # rank-major, as the pairs were dealt
+        # the pairs and how they were dealt to the ranks: a different learner count is other rows
+        rows = hashlib.sha256(json.dumps([world, [[p.chosen.input_ids, p.rejected.input_ids] for p in pairs]]).encode())
+        gain = scores_gain(ctx, rows.hexdigest(), scores, f"{stage}-pref", step)
+        if gain:
+            out["pref_gain"] = gain
+    return out

@@ -128,3 +128,28 @@ def test_preference_accuracy_counts_implicit_reward_ranking(tok, model):
     _, m = DPOObjective(SigmoidDPOLoss(beta=0.1))(model, collate_pairs(with_reference(pairs, ref), tok.pad_token_id),
                                                   StepCounts(sequences=4))
     assert float(m["pref_accuracy"]) == pytest.approx(3.5 / 4)  # three wins and one tie
+
+
+def test_per_pair_scores_rank_each_pair_by_its_own_implicit_reward(tok, model):
+    """per_pair hands back each pair's pref_accuracy score (1 / 0.5 / 0) in batch order, from the
+    pair's margin computed alone (seq_logp_alone); the scores sum to pref_accuracy's count. Without
+    per_pair (training) nothing per pair crosses back."""
+    from posttrain.objectives.common import Gathered
+    from posttrain.objectives.dpo import PREF_TIE_NATS
+
+    pairs = make_pairs(tok, 5, seed=4)
+    flat = reference_logprobs(model, [collate_pairs(pairs, tok.pad_token_id).rows])
+    shifts = [-1.0, 1.0, 0.0, -2.0, 0.5]  # reference moved: chosen favoured, disfavoured, tie, ...
+    pairs = with_reference(pairs, [(flat[i] + shifts[i], flat[5 + i]) for i in range(5)])
+    batch = collate_pairs(pairs, tok.pad_token_id)
+    _, m = DPOObjective(SigmoidDPOLoss(beta=0.1), per_pair=True)(model, batch, StepCounts(sequences=5))
+    assert isinstance(m["pair_scores"], Gathered)
+    expected = []
+    for p in pairs:
+        margin = (seq_logp_alone(model, p.chosen).item() - p.ref_chosen) - (seq_logp_alone(model, p.rejected).item()
+                                                                           - p.ref_rejected)
+        expected.append(0.5 if abs(margin) <= PREF_TIE_NATS else float(margin > 0))
+    assert m["pair_scores"].value.tolist() == expected == [1.0, 0.0, 0.5, 1.0, 0.0]
+    assert float(m["pref_accuracy"]) == pytest.approx(sum(expected) / 5)
+    _, m = DPOObjective(SigmoidDPOLoss(beta=0.1))(model, batch, StepCounts(sequences=5))
+    assert "pair_scores" not in m

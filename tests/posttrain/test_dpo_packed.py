@@ -217,5 +217,13 @@ def test_packed_dpo_stage_runs_and_learns_the_preference(tmp_path, ray_local):
     before, after = evals[0], evals[-1]
     assert before["step"] == 0 and before["pref_accuracy"] == 0.5  # policy == reference: ties
     assert after["pref_accuracy"] >= 0.75 and after["reward_margin"] > before["reward_margin"]
+    # the paired change of preference accuracy: the same 8 held-out pairs at step 0 and at the end
+    gain = after["pref_gain"]
+    assert "pref_gain" not in before and gain["n"] == 8
+    assert (gain["start"], gain["end"]) == (pytest.approx(before["pref_accuracy"]), pytest.approx(after["pref_accuracy"]))
+    assert gain["delta"] == pytest.approx(after["pref_accuracy"] - before["pref_accuracy"])
+    assert gain["improved"] >= 6 and gain["regressed"] == 0  # from ties (0.5) to ranked right (1)
+    scores = json.loads((tmp_path / "run" / "stages" / "00-dpo" / "eval" / "dpo-pref-step0.json").read_text())
+    assert scores["hits"] == [0.5] * 8
     ref = json.loads((tmp_path / "run" / "stages" / "00-dpo" / "pairs" / "ref_logps.json").read_text())
     assert len(ref["train"]) == 24 and len(ref["eval"]) == 8

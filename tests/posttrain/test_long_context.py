@@ -371,3 +371,23 @@ def test_paired_gain_against_a_one_sample_reference():
     assert one["delta"] == 1.0 and one["se"] is None and one["z"] is None
     with pytest.raises(ValueError, match="equally long"):
         paired_gain([1, 0], [1])
+
+
+def test_paired_gain_of_preference_scores_with_ties():
+    """Scores in [0, 1] (a preference pair: 1 ranked right, 0.5 tied, 0 wrong) pair the same
+    way as hits: delta and se against the statistics module, a half step counts as a move."""
+    import math
+    import statistics
+
+    from posttrain.evals import paired_gain
+
+    before = [0.5, 0.5, 0.5, 0.5, 0.0, 1.0, 0.5, 1.0]
+    after = [1.0, 1.0, 0.5, 0.0, 0.5, 1.0, 1.0, 1.0]
+    d = [a - b for b, a in zip(before, after)]
+    g = paired_gain(before, after)
+    assert (g["start"], g["end"], g["n"]) == (4.5 / 8, 6.0 / 8, 8)
+    assert (g["improved"], g["regressed"]) == (4, 1)
+    assert g["delta"] == pytest.approx(statistics.fmean(d)) == pytest.approx(0.1875)
+    assert g["se"] == pytest.approx(statistics.stdev(d) / math.sqrt(8))
+    with pytest.raises(ValueError, match=r"after holds 1\.5"):
+        paired_gain([0.5, 1.0], [1.5, 1.0])
