@@ -7,6 +7,9 @@ per-row hits were kept get the unpaired SE of two accuracies instead, marked `u`
 
     se_unpaired = sqrt(p0 (1 - p0) / n0 + p1 (1 - p1) / n1)
 
+A DPO stage whose last eval carries `pref_gain` (its held-out preference accuracy, paired the
+same way) gets a second column, "STAGE (pref)".
+
 Prints one row per run and one column per stage, "+change (z)", and a last row with how many
 runs changed each stage beyond noise (|z| > 2); draws the changes with +-2 SE bars as a PNG.
 """
@@ -64,12 +67,18 @@ def stage_changes(run_dir: Path) -> list[StageChange]:
             continue
         gain = last.get("gain")
         if gain:
-            out.append(StageChange(stage, gain["start"], gain["end"], gain["n"], gain["delta"], gain["se"], gain["z"], True))
-            continue
-        p0, n0, p1, n1 = first["accuracy"], int(first["n"]), last["accuracy"], int(last["n"])
-        se = math.sqrt(p0 * (1 - p0) / n0 + p1 * (1 - p1) / n1)
-        out.append(StageChange(stage, p0, p1, n1, p1 - p0, se or None, (p1 - p0) / se if se else None, False))
+            out.append(_paired(stage, gain))
+        else:
+            p0, n0, p1, n1 = first["accuracy"], int(first["n"]), last["accuracy"], int(last["n"])
+            se = math.sqrt(p0 * (1 - p0) / n0 + p1 * (1 - p1) / n1)
+            out.append(StageChange(stage, p0, p1, n1, p1 - p0, se or None, (p1 - p0) / se if se else None, False))
+        if last.get("pref_gain"):
+            out.append(_paired(f"{stage} (pref)", last["pref_gain"]))
     return out
+
+
+def _paired(stage: str, gain: dict) -> StageChange:
+    return StageChange(stage, gain["start"], gain["end"], gain["n"], gain["delta"], gain["se"], gain["z"], True)
 
 
 def run_labels(run_dirs: Sequence[Path]) -> list[str]:
@@ -86,7 +95,7 @@ def compare_table(labels: Sequence[str], runs: Sequence[list[StageChange]]) -> T
     """One row per run, one column per stage: '+change (z)'; a last row counts, per stage, the
     runs whose change was beyond noise."""
     stages = list(dict.fromkeys(c.stage for changes in runs for c in changes))
-    table = Table(title="held-out accuracy change per stage: +change (z)",
+    table = Table(title="held-out accuracy change per stage (pref: preference accuracy): +change (z)",
                   caption=f"z = change / SE of the paired difference (u: of two unpaired accuracies); "
                           f"beyond noise: |z| > {BEYOND:g}")
     for col in ["run", *stages]:

@@ -75,3 +75,16 @@ def test_compare_names_the_file_it_cannot_read(tmp_path, capsys):
     assert main(["compare", str(bad), "--png", str(tmp_path / "x.png")]) == 2
     assert "metrics.jsonl line 3: not JSON" in capsys.readouterr().out
     assert not (tmp_path / "x.png").exists()
+
+
+def test_a_dpo_stage_with_a_paired_preference_gain_gets_its_own_column(tmp_path, capsys):
+    pref = paired_gain([0.5] * 8, [1.0] * 6 + [0.5, 0.0])  # 0.5 -> 0.8125 over 8 pairs
+    run = write_run(tmp_path / "r", [eval_row("dpo", 0, 0.3, 20, pref_accuracy=0.5),
+                                     eval_row("dpo", 30, 0.35, 20, pref_accuracy=0.8125, pref_gain=pref)])
+    dpo, dpo_pref = stage_changes(run)
+    assert dpo.stage == "dpo" and not dpo.paired and dpo.delta == pytest.approx(0.05)
+    assert (dpo_pref.stage, dpo_pref.paired, dpo_pref.start, dpo_pref.end, dpo_pref.z) == (
+        "dpo (pref)", True, 0.5, 0.8125, pref["z"])
+    assert main(["compare", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "dpo (pref)" in out and f"+0.312 ({pref['z']:.1f})" in out
