@@ -20,9 +20,10 @@ computes the same result.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Iterable, Optional
 
-__all__ = ["PINNED", "pinned_configs", "pin_fla_kernels", "ensure_pinned"]
+__all__ = ["PINNED", "pinned_configs", "pin_fla_kernels", "pin_for", "ensure_pinned"]
 
 # GPU name prefix (torch.cuda.get_device_name) -> kernel name -> config.
 # Measured by Triton's autotuner in session 13 on an nvidia-h200 (48 configs per key, 5 keys of
@@ -89,9 +90,19 @@ def ensure_pinned(device: Any) -> list[str]:
     _done = True
     import torch
 
-    configs = pinned_configs(torch.cuda.get_device_name(device))
+    return pin_for(torch.cuda.get_device_name(device))
+
+
+def pin_for(device_name: str) -> list[str]:
+    """Pin the kernels PINNED lists for `device_name`. Pinning only saves time, so an fla whose
+    kernels moved or changed shape gets a warning and its own autotuning, not an error."""
+    configs = pinned_configs(device_name)
     if not configs:
         return []
-    from fla.ops.common import chunk_h
+    try:
+        from fla.ops.common import chunk_h
 
-    return pin_fla_kernels(configs, [chunk_h])
+        return pin_fla_kernels(configs, [chunk_h])
+    except (ImportError, TypeError) as e:
+        warnings.warn(f"posttrain: fla's kernels not pinned ({e}); fla autotunes them", stacklevel=2)
+        return []
