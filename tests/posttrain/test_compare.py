@@ -85,6 +85,6 @@ def test_a_dpo_stage_with_a_paired_preference_gain_gets_its_own_column(tmp_path,
     assert dpo.stage == "dpo" and not dpo.paired and dpo.delta == pytest.approx(0.05)
     assert (dpo_pref.stage, dpo_pref.paired, dpo_pref.start, dpo_pref.end, dpo_pref.z) == (
         "dpo (pref)", True, 0.5, 0.8125, pref["z"])
-    assert main(["compare", str(run)]) == 0
+    assert main(["compare", str(run), "--png", str(tmp_path / "cmp.png")]) == 0
     out = capsys.readouterr().out
     assert "dpo (pref)" in out and f"+0.312 ({pref['z']:.1f})" in out
