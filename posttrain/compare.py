@@ -23,6 +23,8 @@ from typing import Optional, Sequence
 
 from rich.table import Table
 
+from posttrain.evals import format_change
+
 BEYOND = 2.0  # |z| above which a change counts as beyond noise
 
 
@@ -114,10 +116,7 @@ def compare_table(labels: Sequence[str], runs: Sequence[list[StageChange]]) -> T
 
 
 def _cell(c: Optional[StageChange]) -> str:
-    if c is None:
-        return "-"
-    z = "-" if c.z is None else f"{c.z:.1f}"
-    return f"{c.delta:+.3f} ({z}{'' if c.paired else 'u'})"
+    return "-" if c is None else format_change(c.delta, c.z, "" if c.paired else "u")
 
 
 def plot_changes(labels: Sequence[str], runs: Sequence[list[StageChange]], path: Path) -> Path:

@@ -144,6 +144,12 @@ def paired_gain(before: Sequence[float], after: Sequence[float]) -> dict[str, An
             "regressed": sum(x < 0 for x in d)}
 
 
+def format_change(delta: float, z: Optional[float], mark: str = "") -> str:
+    """A held-out change and its z as tables show them: '+0.123 (4.5)'; '-' for an undefined z;
+    `mark` right after z (compare's 'u' for an unpaired one)."""
+    return f"{delta:+.3f} ({'-' if z is None else format(z, '.1f')}{mark})"
+
+
 def gain_since_start(ctx: Any, records: Sequence[Any], hits: Sequence[bool], stage: str, step: int) -> dict[str, Any]:
     """Write this eval's hits beside the stage (<stage_dir>/eval/<stage>-step<step>.json, with a
     digest of its rows); after step 0, {"gain": paired_gain(step 0's hits, these)} when the

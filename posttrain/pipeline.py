@@ -26,6 +26,7 @@ from rich.table import Table
 from posttrain.checkpoint import atomic_dir, write_json_atomic
 from posttrain.config import ConfigError, RecipeConfig
 from posttrain.data import TokenizerConfig, token_ids
+from posttrain.evals import format_change
 from posttrain.faults import kill_point
 from posttrain.metrics import MetricsLogger
 from posttrain.stages import STAGES, StageContext
@@ -204,9 +205,7 @@ SPEED = {"tokens_per_s": "tok/s", "gpu_peak_gib": "GPU GiB"}
 
 def _fmt_gain(gain: Optional[dict[str, Any]]) -> str:
     """The stage's held-out change since its start and its z (posttrain.evals.paired_gain)."""
-    if not gain:
-        return "-"
-    return f"{gain['delta']:+.3f} ({'-' if gain['z'] is None else format(gain['z'], '.1f')})"
+    return format_change(gain["delta"], gain["z"]) if gain else "-"
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
