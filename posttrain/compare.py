@@ -7,8 +7,9 @@ per-row hits were kept get the unpaired SE of two accuracies instead, marked `u`
 
     se_unpaired = sqrt(p0 (1 - p0) / n0 + p1 (1 - p1) / n1)
 
-A DPO stage whose last eval carries `pref_gain` (its held-out preference accuracy, paired the
-same way) gets a second column, "STAGE (pref)".
+A stage whose last eval carries another paired gain (posttrain.evals.EXTRA_GAINS: a DPO stage's
+`pref_gain`, held-out preference accuracy; `sampled_gain`, mean@k with `eval.sampled`) gets a
+column for each, "STAGE (pref)", "STAGE (sampled)".
 
 Prints one row per run and one column per stage, "+change (z)", and a last row with how many
 runs changed each stage beyond noise (|z| > 2); draws the changes with +-2 SE bars as a PNG.
@@ -23,7 +24,7 @@ from typing import Optional, Sequence
 
 from rich.table import Table
 
-from posttrain.evals import format_change
+from posttrain.evals import EXTRA_GAINS, format_change
 
 BEYOND = 2.0  # |z| above which a change counts as beyond noise
 
@@ -74,8 +75,9 @@ def stage_changes(run_dir: Path) -> list[StageChange]:
             p0, n0, p1, n1 = first["accuracy"], int(first["n"]), last["accuracy"], int(last["n"])
             se = math.sqrt(p0 * (1 - p0) / n0 + p1 * (1 - p1) / n1)
             out.append(StageChange(stage, p0, p1, n1, p1 - p0, se or None, (p1 - p0) / se if se else None, False))
-        if last.get("pref_gain"):
-            out.append(_paired(f"{stage} (pref)", last["pref_gain"]))
+        for key, (label, _, _) in EXTRA_GAINS.items():
+            if last.get(key):
+                out.append(_paired(f"{stage} ({label})", last[key]))
     return out
 
 
@@ -97,7 +99,7 @@ def compare_table(labels: Sequence[str], runs: Sequence[list[StageChange]]) -> T
     """One row per run, one column per stage: '+change (z)'; a last row counts, per stage, the
     runs whose change was beyond noise."""
     stages = list(dict.fromkeys(c.stage for changes in runs for c in changes))
-    table = Table(title="held-out accuracy change per stage (pref: preference accuracy): +change (z)",
+    table = Table(title="held-out accuracy change per stage (pref: preference accuracy; sampled: mean@k): +change (z)",
                   caption=f"z = change / SE of the paired difference (u: of two unpaired accuracies); "
                           f"beyond noise: |z| > {BEYOND:g}")
     for col in ["run", *stages]:

@@ -20,6 +20,15 @@ second eval of a stage on, the result carries `gain`: the change since the stage
 (step 0, before any update) on the same rows, with the standard error of that paired difference
 (`paired_gain`). Did the stage help beyond noise is then read from one number, z. A DPO stage
 pairs its held-out preference pairs the same way (`scores_gain`, as `pref_gain`).
+
+With `eval.sampled` ({n: k, temperature: T}) every eval also samples k completions per
+held-out prompt at temperature T and scores each row by the share of them that are right
+(mean@k): `sampled` {"accuracy", "k", "temperature"}, and from the second eval `sampled_gain`,
+paired like `gain`. That is what an RL stage optimises (its expected reward at its sampling
+temperature), where greedy accuracy moves only when a row's most likely answer flips; averaging
+k samples per row also shrinks the per-row noise. The samples are seeded by the stage seed, the
+same at every eval of the stage, so an unchanged policy draws the same completions and the paired
+difference holds only what the updates changed (common random numbers).
 """
 from __future__ import annotations
 
@@ -57,6 +66,30 @@ class AlsoEval:
             raise ValueError(f"max_new_tokens: must be null or >= 1, got {self.max_new_tokens}")
 
 
+# The paired gains an eval can carry besides `gain` (greedy accuracy), as tables and the stage's
+# closing lines name them: key -> (column label, what is scored, (rows that went up, down)).
+EXTRA_GAINS = {
+    "pref_gain": ("pref", "preference accuracy", ("pairs ranked better now", "worse now")),
+    "sampled_gain": ("sampled", "sampled accuracy (mean@k)", ("rows better now", "worse now")),
+}
+
+
+@dataclass(frozen=True)
+class SampledEval:
+    """The recipe's `stages[i].eval.sampled`: k samples per held-out prompt at a temperature,
+    scored as the share right (mean@k, posttrain.evals module doc)."""
+
+    n: int = 8  # samples per held-out prompt (k)
+    temperature: float = 1.0  # > 0: greedy is the eval's plain accuracy already
+
+    def __post_init__(self) -> None:
+        if not self.n >= 1:
+            raise ValueError(f"n: must be >= 1, got {self.n}")
+        if not (self.temperature > 0.0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature: must be a finite number > 0 (0 is the greedy accuracy), "
+                             f"got {self.temperature}")
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     """A stage's held-out evaluation (the recipe's `stages[i].eval:`)."""
@@ -65,6 +98,7 @@ class EvalConfig:
     max_new_tokens: int = 16  # greedy decoding budget per eval prompt
     limit: Optional[int] = None  # evaluate the first N eval rows (needle: N spread over the cells)
     also: list[AlsoEval] = field(default_factory=list)  # other tasks' held-out sets, one entry per task
+    sampled: Optional[SampledEval] = None  # also mean@k at a temperature (null: greedy only)
 
     def __post_init__(self) -> None:
         if not self.every >= 0:
@@ -82,15 +116,28 @@ class EvalConfig:
 def greedy_hits(ctx: Any, learners: Any, records: Sequence[Any], check: Callable[[str, str], bool],
                 max_new_tokens: int) -> list[bool]:
     """Greedy-decode each record's prompt on learner rank 0; hit = check(decoded text, answer)."""
+    return [h[0] for h in _hits(ctx, learners, records, check, max_new_tokens, 1, 0.0, None)]
+
+
+def sampled_scores(ctx: Any, learners: Any, records: Sequence[Any], check: Callable[[str, str], bool],
+                   max_new_tokens: int, sampled: SampledEval) -> list[float]:
+    """Per record, the share of `sampled.n` completions sampled at `sampled.temperature` (on
+    learner rank 0, seeded by the stage seed) that check right."""
+    hits = _hits(ctx, learners, records, check, max_new_tokens, sampled.n, sampled.temperature, ctx.seed)
+    return [sum(h) / len(h) for h in hits]
+
+
+def _hits(ctx: Any, learners: Any, records: Sequence[Any], check: Callable[[str, str], bool], max_new_tokens: int,
+          n: int, temperature: float, seed: Optional[int]) -> list[list[bool]]:
     from posttrain.data import encode_prompt
     from posttrain.rollout import SamplingParams, generate_on_model
 
     prompts = [encode_prompt(r, ctx.tokenizer) for r in records]
-    greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens,
+    params = SamplingParams(n=n, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
                             stop_token_ids=(ctx.tokenizer.eos_token_id,))
-    outs = learners.call_rank0(generate_on_model, prompts, greedy)
-    return [bool(check(ctx.tokenizer.decode(ids, skip_special_tokens=True), _reference(r)))
-            for r, ids in zip(records, outs)]
+    outs = learners.call_rank0(generate_on_model, prompts, params)  # prompt-major, n per prompt
+    return [[bool(check(ctx.tokenizer.decode(ids, skip_special_tokens=True), _reference(r)))
+             for ids in outs[i * n:(i + 1) * n]] for i, r in enumerate(records)]
 
 
 def _reference(rec: Any) -> str:
@@ -112,7 +159,24 @@ def held_out_eval(ctx: Any, learners: Any, records: Sequence[Any], task: Optiona
         return needle_eval(ctx, learners, records, task, cfg, stage=stage, step=step)
     records = records[: cfg.limit] if cfg.limit else records
     hits = greedy_hits(ctx, learners, records, answer_check(task), cfg.max_new_tokens)
-    return {"accuracy": sum(hits) / len(hits), "n": len(hits), **gain_since_start(ctx, records, hits, stage, step)}
+    return {"accuracy": sum(hits) / len(hits), "n": len(hits), **gain_since_start(ctx, records, hits, stage, step),
+            **sampled_eval(ctx, learners, records, task, cfg, stage, step)}
+
+
+def sampled_eval(ctx: Any, learners: Any, records: Sequence[Any], task: Optional[str], cfg: EvalConfig,
+                 stage: str, step: int) -> dict[str, Any]:
+    """With `cfg.sampled`: {"sampled": {"accuracy" (mean@k), "k", "temperature"}} and, after
+    step 0, "sampled_gain" (paired_gain of the per-row shares since step 0); {} without it."""
+    if cfg.sampled is None:
+        return {}
+    scores = sampled_scores(ctx, learners, records, answer_check(task), cfg.max_new_tokens, cfg.sampled)
+    out: dict[str, Any] = {"sampled": {"accuracy": sum(scores) / len(scores), "k": cfg.sampled.n,
+                                       "temperature": cfg.sampled.temperature}}
+    gain = scores_gain(ctx, _rows_digest(records) + f"|k={cfg.sampled.n}|T={cfg.sampled.temperature:g}", scores,
+                       f"{stage}-sampled", step)
+    if gain:
+        out["sampled_gain"] = gain
+    return out
 
 
 def paired_gain(before: Sequence[float], after: Sequence[float]) -> dict[str, Any]:
@@ -155,9 +219,12 @@ def gain_since_start(ctx: Any, records: Sequence[Any], hits: Sequence[bool], sta
     digest of its rows); after step 0, {"gain": paired_gain(step 0's hits, these)} when the
     stage's step-0 eval scored the same rows, else {}. A resumed stage finds its step-0 file
     from before the interruption."""
-    rows = hashlib.sha256(json.dumps([[str(getattr(r, "prompt", "")), _reference(r)] for r in records]).encode()).hexdigest()
-    gain = scores_gain(ctx, rows, [int(bool(h)) for h in hits], stage, step)
+    gain = scores_gain(ctx, _rows_digest(records), [int(bool(h)) for h in hits], stage, step)
     return {"gain": gain} if gain else {}
+
+
+def _rows_digest(records: Sequence[Any]) -> str:
+    return hashlib.sha256(json.dumps([[str(getattr(r, "prompt", "")), _reference(r)] for r in records]).encode()).hexdigest()
 
 
 def scores_gain(ctx: Any, rows: str, scores: Sequence[float], name: str, step: int) -> Optional[dict[str, Any]]:
@@ -215,4 +282,4 @@ def needle_eval(ctx: Any, learners: Any, records: Sequence[Any], task: Optional[
     plot = plot_cells(cells, ctx.run_dir / "plots" / f"{stage}_needle_step{step}.png",
                       f"{stage} step {step}: retrieval accuracy {accuracy:.2f} (n={len(hits)})")
     return {"accuracy": accuracy, "n": len(hits), "needle": {"cells": cells, "plot": str(plot)},
-            **gain_since_start(ctx, records, hits, stage, step)}
+            **gain_since_start(ctx, records, hits, stage, step), **sampled_eval(ctx, learners, records, task, cfg, stage, step)}

@@ -24,7 +24,7 @@ from rich.console import Console
 from posttrain.checkpoint import CheckpointConfig, atomic_dir, clean_temp, write_json_atomic
 from posttrain.cluster import ClusterConfig, Placement
 from posttrain.data import DataConfig
-from posttrain.evals import EvalConfig
+from posttrain.evals import EXTRA_GAINS, EvalConfig
 from posttrain.faults import kill_point
 from posttrain.learner import Learners, LearnerConfig, OptimConfig, ScheduleConfig
 from posttrain.lora import LoRAConfig, parameter_counts
@@ -162,7 +162,8 @@ def also_evals(ctx: StageContext, learners: Learners, cfg: EvalConfig, *, stage:
         files = task_files(ctx, DataConfig(task=a.task, task_args=a.task_args))
         fmt = "rl" if "rl_eval" in files else "prompt_completion"
         records = load_records(files["rl_eval" if fmt == "rl" else "sft_eval"], fmt).records
-        sub = dataclasses.replace(cfg, limit=a.limit, max_new_tokens=a.max_new_tokens or cfg.max_new_tokens, also=[])
+        sub = dataclasses.replace(cfg, limit=a.limit, max_new_tokens=a.max_new_tokens or cfg.max_new_tokens, also=[],
+                                  sampled=None)  # the other task greedy only
         out[a.task] = held_out_eval(ctx, learners, records, a.task, sub, stage=f"{stage}-also-{a.task}", step=step)
     return {"also": out} if out else {}
 
@@ -344,9 +345,9 @@ def finish_stage(ctx: StageContext, learners: Learners, stage_cfg: StageConfig,
                       f"in the stage (start, evals, checkpoints)", highlight=False)
     if eval_metrics.get("gain"):
         ctx.console.print(f"{stage_cfg.name}: held-out {gain_line(eval_metrics['gain'])}", highlight=False)
-    if eval_metrics.get("pref_gain"):
-        line = gain_line(eval_metrics["pref_gain"], "preference accuracy", ("pairs ranked better now", "worse now"))
-        ctx.console.print(f"{stage_cfg.name}: held-out {line}", highlight=False)
+    for key, (_, what, moved) in EXTRA_GAINS.items():
+        if eval_metrics.get(key):
+            ctx.console.print(f"{stage_cfg.name}: held-out {gain_line(eval_metrics[key], what, moved)}", highlight=False)
     manifest = {
         "name": stage_cfg.name, "kind": stage_cfg.kind, "checkpoint": str(ctx.final_dir),
         "tokenizer": str(ctx.tokenizer_dir), "init_from": ctx.init_path,

@@ -331,6 +331,67 @@ def test_a_later_eval_reports_its_paired_gain_over_the_stage_start(tok, tmp_path
     assert "gain" not in held_out_eval(ctx, RankZero, other, None, cfg, stage="rl", step=9)
 
 
+def test_sampled_eval_scores_mean_at_k_and_pairs_it_with_common_random_numbers(tok, tmp_path):
+    """eval.sampled: each row's score is the share of its k samples (temperature T, the stage
+    seed) that are right. Reference: the same request made here directly with generate_on_model;
+    row i's answer is its own first sample, so every score is >= 1/k and known. A second eval of
+    an unchanged model draws the very same samples (seeded per prompt and sample): a paired gain
+    of exactly 0 with no row moved. After the LM head changes, the gain equals paired_gain of the
+    two reference score lists."""
+    from posttrain.config import EvalConfig
+    from posttrain.data import encode_prompt
+    from posttrain.evals import SampledEval, held_out_eval, paired_gain
+    from posttrain.rollout import SamplingParams, generate_on_model
+
+    torch.manual_seed(2)
+    model = build_model(ModelConfig(preset="tiny-hybrid", overrides={"num_hidden_layers": 2}), vocab_size=tok.vocab_size,
+                        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id).eval()
+    with torch.no_grad():  # a peaked next-token distribution, so samples often repeat
+        model.get_output_embeddings().weight.mul_(20.0)
+    files = write_task("needle", tmp_path / "needle", n_train=2, n_eval_per_cell=2, lengths=[40, 96], depths=[0.0, 1.0], seed=4)
+    rows = load_records(files["rl_eval"], "rl").records
+    ctx = _stage_ctx(tok, tmp_path, load_recipe(recipe_path("demo")))
+    k, T = 6, 1.0
+
+    def reference():
+        params = SamplingParams(n=k, temperature=T, max_new_tokens=1, seed=ctx.seed, stop_token_ids=(tok.eos_token_id,))
+        outs = generate_on_model(model, [encode_prompt(r, tok) for r in rows], params)
+        return [[tok.decode(o, skip_special_tokens=True) for o in outs[i * k:(i + 1) * k]] for i in range(len(rows))]
+
+    first = reference()
+    rows = [dataclasses.replace(r, answer=first[i][0]) for i, r in enumerate(rows)]
+    before = [sum(t == r.answer for t in texts) / k for r, texts in zip(rows, first)]
+    assert len(set(before)) > 1  # rows differ: the scores are not all 1/k or all 1
+
+    class RankZero:
+        @staticmethod
+        def call_rank0(fn, *args):
+            return fn(model, *args)
+
+    cfg = EvalConfig(every=0, max_new_tokens=1, sampled=SampledEval(n=k, temperature=T))
+    start = held_out_eval(ctx, RankZero, rows, None, cfg, stage="rl", step=0)
+    assert start["sampled"] == {"accuracy": pytest.approx(sum(before) / len(rows)), "k": k, "temperature": T}
+    assert "sampled_gain" not in start
+    same = held_out_eval(ctx, RankZero, rows, None, cfg, stage="rl", step=3)
+    assert same["sampled_gain"]["delta"] == 0 and same["sampled_gain"]["improved"] == same["sampled_gain"]["regressed"] == 0
+    with torch.no_grad():
+        model.get_output_embeddings().weight.add_(0.5 * torch.randn_like(model.get_output_embeddings().weight))
+    after = [sum(t == r.answer for t in texts) / k for r, texts in zip(rows, reference())]
+    assert after != before
+    end = held_out_eval(ctx, RankZero, rows, None, cfg, stage="rl", step=5)
+    assert end["sampled_gain"] == paired_gain(before, after)
+    # another k is another metric: not paired with step 0's scores
+    other = held_out_eval(ctx, RankZero, rows, None, dataclasses.replace(cfg, sampled=SampledEval(n=k + 1)), stage="rl", step=6)
+    assert "sampled_gain" not in other and other["sampled"]["k"] == k + 1
+
+
+def test_sampled_eval_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match=r"stages\[3\]\.eval\.sampled\.temperature: must be a finite number > 0"):
+        _demo_with("stages.grpo.eval.sampled.temperature=0")
+    with pytest.raises(ConfigError, match=r"stages\[3\]\.eval\.sampled\.n: must be >= 1"):
+        _demo_with("stages.grpo.eval.sampled.n=0")
+
+
 def test_paired_gain_against_a_one_sample_reference():
     """paired_gain's se is the standard error of the mean of d_i = after_i - before_i; the
     reference computes it with the statistics module. Swapping before and after negates delta
