@@ -156,6 +156,7 @@ def run_recipe(cfg: RecipeConfig, *, resume: bool = False, overwrite: bool = Fal
     summary = {"recipe": cfg.name, "run_dir": str(run_dir), "stages": results}
     write_json_atomic(run_dir / "summary.json", summary)
     console.print(summary_table(summary))
+    console.print(training_table(summary))
     return summary
 
 
@@ -175,32 +176,46 @@ def placement_line(ranks: list[dict[str, Any]]) -> str:
         for r, p in enumerate(ranks))
 
 
-# Columns of the end-of-run table: the held-out numbers people look for first, per stage kind.
-HEADLINE = {"accuracy": "accuracy", "n": "n", "loss": "loss", "pref_accuracy": "pref acc",
-            "pref_pairs": "pairs", "logp_accuracy": "logp acc"}
+# The end-of-run tables: the held-out numbers people look for first (whichever a stage kind has),
+# then what each stage trained and how fast. Two tables, so each fits an 80-column terminal
+# (a device or CI log has no wider one) with every column a GPU chain fills.
+HEADLINE = {"accuracy": "accuracy", "pref_accuracy": "pref acc", "logp_accuracy": "logp acc"}
+
+# Paired held-out changes since the stage's start (posttrain.evals), shown when some stage has one.
+GAIN_COLUMNS = {"gain": "acc gain (z)", "sampled_gain": "mean@k gain (z)"}
+
+# Throughput columns, shown when measured (GPU memory only on CUDA).
+SPEED = {"tokens_per_s": "tok/s", "gpu_peak_gib": "GPU GiB", "stage_seconds": "seconds"}
 
 
 def summary_table(summary: dict[str, Any]) -> Table:
-    """One row per stage: its headline held-out metrics (whichever it has) and the share of
-    parameters it trained (LoRA: the adapters'), the rest in summary.json. Fits an 80-column
-    terminal."""
-    keys = [k for k in HEADLINE if any(isinstance(st["eval"].get(k), (int, float)) for st in summary["stages"])]
-    gains = any(st["eval"].get("gain") for st in summary["stages"])
-    speed = [k for k in SPEED if any(k in st.get("throughput", {}) for st in summary["stages"])]
-    table = Table(title=f"{summary['recipe']}: per-stage held-out eval (all metrics: summary.json)")
-    for col in ["stage", "kind", "trained", *(HEADLINE[k] for k in keys), *(["acc gain (z)"] if gains else []),
-                *(SPEED[k] for k in speed)]:
+    """One row per stage: its headline held-out metrics and its paired gains ("+change (z)")."""
+    stages = summary["stages"]
+    keys = [k for k in HEADLINE if any(isinstance(st["eval"].get(k), (int, float)) for st in stages)]
+    gains = [(k, c) for k, c in GAIN_COLUMNS.items() if any(st["eval"].get(k) for st in stages)]
+    table = Table(title=f"{summary['recipe']}: held-out eval per stage (all metrics: summary.json)")
+    for col in ["stage", *(HEADLINE[k] for k in keys), *(c for _, c in gains)]:
         table.add_column(col, no_wrap=True)
-    for st in summary["stages"]:
-        share = (st.get("params") or {}).get("trainable_share")
-        table.add_row(st["name"], st["kind"], "-" if share is None else f"{share:.2%}",
-                      *[_fmt(st["eval"].get(k)) for k in keys], *([_fmt_gain(st["eval"].get("gain"))] if gains else []),
-                      *[_fmt(st.get("throughput", {}).get(k), 1) for k in speed])
+    for st in stages:
+        table.add_row(st["name"], *[_fmt(st["eval"].get(k)) for k in keys],
+                      *[_fmt_gain(st["eval"].get(k)) for k, _ in gains])
     return table
 
 
-# Throughput columns, shown when measured (GPU memory only on CUDA).
-SPEED = {"tokens_per_s": "tok/s", "gpu_peak_gib": "GPU GiB"}
+def training_table(summary: dict[str, Any]) -> Table:
+    """One row per stage: its kind, the share of parameters it trained (LoRA: the adapters'), the
+    held-out rows it was scored on, and its throughput and wall time where measured."""
+    stages = summary["stages"]
+    speed = [k for k in SPEED if any(k in st.get("throughput", {}) for st in stages)]
+    table = Table(title=f"{summary['recipe']}: training per stage")
+    for col in ["stage", "kind", "trained", "eval n", *(SPEED[k] for k in speed)]:
+        table.add_column(col, no_wrap=True)
+    for st in stages:
+        share = (st.get("params") or {}).get("trainable_share")
+        n = st["eval"].get("n", st["eval"].get("pref_pairs"))
+        table.add_row(st["name"], st["kind"], "-" if share is None else f"{share:.2%}", _fmt(n),
+                      *[_fmt(st.get("throughput", {}).get(k), 1) for k in speed])
+    return table
 
 
 def _fmt_gain(gain: Optional[dict[str, Any]]) -> str:

@@ -180,3 +180,35 @@ def test_summary_table_shows_each_stages_gain_and_its_z():
     console = Console(width=200, record=True)
     console.print(summary_table(summary))
     assert "gain" not in console.export_text()
+
+
+def test_closing_tables_fit_80_columns_with_every_column_a_gpu_chain_fills():
+    """A GPU chain fills every column (DPO's preference accuracies, RL's mean@k gain, tok/s, GPU
+    memory); a device or CI log is 80 columns wide, where rich would cut the cells to '…'. Drawn
+    on a wide console, each table must still be at most 80 characters wide, and show its numbers."""
+    from rich.console import Console
+
+    from posttrain.evals import paired_gain
+    from posttrain.pipeline import summary_table, training_table
+
+    g = paired_gain([0, 1, 0, 1, 0, 0, 1, 1, 0, 1], [1, 1, 1, 1, 0, 1, 1, 1, 0, 1])
+    speed = {"tokens_per_s": 11239.0, "gpu_peak_gib": 43.6, "stage_seconds": 221.9}
+    summary = {"recipe": "gpu", "stages": [
+        {"name": "long_sft", "kind": "sft", "params": {"trainable_share": 1.0}, "throughput": speed,
+         "eval": {"accuracy": 0.521, "n": 144, "loss": 0.61, "gain": g}},
+        {"name": "dpo", "kind": "dpo", "params": {"trainable_share": 0.0123}, "throughput": speed,
+         "eval": {"accuracy": 0.753, "n": 288, "pref_accuracy": 0.976, "pref_pairs": 82, "logp_accuracy": 0.99,
+                  "gain": g, "pref_gain": g}},
+        {"name": "cispo", "kind": "rl", "params": {"trainable_share": 1.0}, "throughput": speed,
+         "eval": {"accuracy": 0.778, "n": 288, "gain": g, "sampled": {"accuracy": 0.724}, "sampled_gain": g}}]}
+    for table in (summary_table(summary), training_table(summary)):
+        console = Console(width=200, record=True)
+        console.print(table)
+        text = console.export_text()
+        assert "…" not in text
+        assert max(len(line.rstrip()) for line in text.splitlines()) <= 80, text
+    console = Console(width=200, record=True)
+    console.print(summary_table(summary), training_table(summary))
+    text = console.export_text()
+    for cell in ("+0.300 (2.0)", "0.976", "long_sft", "1.23%", "11239", "43.6", "221.9", "mean@k gain (z)"):
+        assert cell in text, cell
