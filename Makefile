@@ -40,7 +40,7 @@ demo: $(STAMP)
 # Everything, the demo recipe's quality run included (tests/posttrain/test_demo_recipe.py);
 # `pytest -m "not slow"` is the ~3-minute inner loop.
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python -m pytest -q --durations=20 tests
 
 lock: $(STAMP)
 	{ sed -n '/^#/p' constraints/cpu.txt; $(VENV)/bin/python -m pip freeze --exclude-editable; } > constraints/cpu.txt.new
