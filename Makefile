@@ -30,6 +30,8 @@ $(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 		$(VENV)/bin/python -m pip install -q $(PIP_C) "$(TORCH_SPEC)" "$(VLLM_SPEC)" && \
 		$(VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec; \
 	fi
+	# DeepSpeed's CPU shared-memory op, compiled here once (~40 s) instead of in the first run
+	$(VENV)/bin/python -c "from posttrain.learner import prebuild_ops as b; print('deepspeed ops:', b() or 'none needed')"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -18,9 +18,11 @@ size), which is what makes 1x8 == 8x1 and world size 2 == world size 1 hold exac
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Protocol
@@ -168,6 +170,7 @@ def init_distributed(dist: DistInfo) -> None:
 
         store = rendezvous_store(dist.rendezvous, dist.master_addr, dist.rank, dist.world_size)
         port = store.port
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(torch_extensions_dir()))
     os.environ.update(
         MASTER_ADDR=dist.master_addr, MASTER_PORT=str(port),
         RANK=str(dist.rank), WORLD_SIZE=str(dist.world_size), LOCAL_RANK=str(local),
@@ -178,6 +181,29 @@ def init_distributed(dist: DistInfo) -> None:
         bound = {"device_id": torch.device("cuda", local)} if cuda and dist.world_size > 1 else {}
         tdist.init_process_group(backend, store=store, rank=dist.rank, world_size=dist.world_size, **bound)
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
+
+
+def torch_extensions_dir() -> Path:
+    """Where this install's JIT-built DeepSpeed ops live (TORCH_EXTENSIONS_DIR, unless the user
+    set it). On CPU, DeepSpeed's gloo backend loads a shared-memory op that it compiles on first
+    use (~40 s on 2 cores). torch's default directory is shared by every install of one Python
+    version, and its build files name the install's torch headers: two virtualenvs on one
+    machine rebuilt it on each other's runs, and one's build lock could stall the other's
+    learners. One directory per torch install (its path and version) keeps a build for good."""
+    install = hashlib.sha1(str(Path(torch.__file__).resolve().parent).encode()).hexdigest()[:10]
+    py = f"py{sys.version_info.major}{sys.version_info.minor}"
+    return Path.home() / ".cache" / "posttrain" / "torch_extensions" / f"{py}_torch{torch.__version__}_{install}"
+
+
+def prebuild_ops() -> Optional[Path]:
+    """Build the ops a learner would JIT-compile at its first start (`make install` calls this,
+    so the first run does not spend its first minute compiling). Returns the built library, or
+    None where the accelerator needs none (CUDA: NCCL)."""
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(torch_extensions_dir()))
+    from deepspeed.comm.torch import build_shm_op
+
+    op = build_shm_op()
+    return Path(op.__file__) if op is not None else None
 
 
 def bind_device() -> torch.device:
@@ -199,6 +225,7 @@ def placement_info(device: Any) -> dict[str, Any]:
     return {"gpu_ids": sorted(str(g) for g in ray.get_gpu_ids()), "device": str(device),
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "node_id": ctx.get_node_id(),
             "local_rank": os.environ.get("LOCAL_RANK"),
+            "torch_extensions_dir": os.environ.get("TORCH_EXTENSIONS_DIR"),  # its JIT-built ops
             # what this process's CUDA caching allocator holds on the device, and how much of
             # it live tensors use (GPU only)
             **({"cuda_reserved_mib": torch.cuda.memory_reserved(device) / 2**20,

@@ -10,6 +10,8 @@ processes with ZeRO-2 (world size 2, 4 sequences each, unequal token counts) —
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -17,7 +19,7 @@ from posttrain.config import ClusterConfig, LearnerConfig, ModelConfig, OptimCon
 from posttrain.data import build_tokenizer, collate, encode_sft, load_records, write_task
 from posttrain.models import build_model, forward_hidden, token_logprobs
 from posttrain.data import token_ids
-from posttrain.learner import live_engines
+from posttrain.learner import live_engines, prebuild_ops, torch_extensions_dir
 
 # The router loss is not additive over micro-batches (a product of batch means), so it is
 # switched off here; the objective weights it per micro-batch by token share.
@@ -83,6 +85,29 @@ def test_update_changes_weights_and_matches_reference(setup):
     assert max_rel_diff(ref, init) > 1e-4  # the step did move the weights
     one_by_eight = learner_update(tok, examples, learners=1, micro=8, zero=0)
     assert max_rel_diff(one_by_eight, ref) < 1e-5
+
+
+def test_deepspeed_ops_are_built_once_per_install_and_learners_reuse_them(setup, monkeypatch):
+    """`make install` runs prebuild_ops; a learner started afterwards loads the op from this
+    install's own directory and compiles nothing (the library is not rewritten)."""
+    if torch.cuda.is_available():
+        pytest.skip("the op is DeepSpeed's CPU (gloo) shared-memory collective")
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        pytest.skip("TORCH_EXTENSIONS_DIR is set: the user's directory is used as is")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(torch_extensions_dir()))  # what prebuild_ops sets
+    so = prebuild_ops()
+    assert so is not None and so.is_file() and torch_extensions_dir() in so.parents, so
+    built = so.stat().st_mtime_ns
+    from posttrain.cluster import LearnerGroup
+
+    tok, _ = setup
+    group = LearnerGroup(ClusterConfig(learners=1, cpus_per_learner=0.5), MODEL, None, token_ids=token_ids(tok), seed=SEED)
+    try:
+        [info] = group.placements()
+    finally:
+        group.shutdown()
+    assert info["torch_extensions_dir"] == str(torch_extensions_dir())
+    assert so.stat().st_mtime_ns == built
 
 
 def test_grad_accumulation_8x1_equals_1x8(setup):
