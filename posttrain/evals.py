@@ -26,9 +26,11 @@ held-out prompt at temperature T and scores each row by the share of them that a
 (mean@k): `sampled` {"accuracy", "k", "temperature"}, and from the second eval `sampled_gain`,
 paired like `gain`. That is what an RL stage optimises (its expected reward at its sampling
 temperature), where greedy accuracy moves only when a row's most likely answer flips; averaging
-k samples per row also shrinks the per-row noise. The samples are seeded by the stage seed, the
-same at every eval of the stage, so an unchanged policy draws the same completions and the paired
-difference holds only what the updates changed (common random numbers).
+k samples per row also shrinks the per-row noise. The samples are seeded by the recipe's seed, the
+same at every eval of every stage, so an unchanged policy draws the same completions: the paired
+difference holds only what the updates changed (common random numbers), and a stage's step 0
+scores what the previous stage ended on (its last eval, up to GPU nondeterminism) rather than
+another draw from the same policy.
 """
 from __future__ import annotations
 
@@ -122,8 +124,9 @@ def greedy_hits(ctx: Any, learners: Any, records: Sequence[Any], check: Callable
 def sampled_scores(ctx: Any, learners: Any, records: Sequence[Any], check: Callable[[str, str], bool],
                    max_new_tokens: int, sampled: SampledEval) -> list[float]:
     """Per record, the share of `sampled.n` completions sampled at `sampled.temperature` (on
-    learner rank 0, seeded by the stage seed) that check right."""
-    hits = _hits(ctx, learners, records, check, max_new_tokens, sampled.n, sampled.temperature, ctx.seed)
+    learner rank 0, seeded by the recipe's seed: the same draws in every eval of every stage)
+    that check right."""
+    hits = _hits(ctx, learners, records, check, max_new_tokens, sampled.n, sampled.temperature, ctx.run_seed)
     return [sum(h) / len(h) for h in hits]
 
 

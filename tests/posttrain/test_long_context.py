@@ -332,12 +332,13 @@ def test_a_later_eval_reports_its_paired_gain_over_the_stage_start(tok, tmp_path
 
 
 def test_sampled_eval_scores_mean_at_k_and_pairs_it_with_common_random_numbers(tok, tmp_path):
-    """eval.sampled: each row's score is the share of its k samples (temperature T, the stage
+    """eval.sampled: each row's score is the share of its k samples (temperature T, the recipe
     seed) that are right. Reference: the same request made here directly with generate_on_model;
     row i's answer is its own first sample, so every score is >= 1/k and known. A second eval of
     an unchanged model draws the very same samples (seeded per prompt and sample): a paired gain
     of exactly 0 with no row moved. After the LM head changes, the gain equals paired_gain of the
-    two reference score lists."""
+    two reference score lists. The next stage (another stage seed) starting from that model
+    draws the same samples again: its step 0 is this stage's end."""
     from posttrain.config import EvalConfig
     from posttrain.data import encode_prompt
     from posttrain.evals import SampledEval, held_out_eval, paired_gain
@@ -350,11 +351,12 @@ def test_sampled_eval_scores_mean_at_k_and_pairs_it_with_common_random_numbers(t
         model.get_output_embeddings().weight.mul_(20.0)
     files = write_task("needle", tmp_path / "needle", n_train=2, n_eval_per_cell=2, lengths=[40, 96], depths=[0.0, 1.0], seed=4)
     rows = load_records(files["rl_eval"], "rl").records
-    ctx = _stage_ctx(tok, tmp_path, load_recipe(recipe_path("demo")))
+    ctx = dataclasses.replace(_stage_ctx(tok, tmp_path, load_recipe(recipe_path("demo"))), seed=3)  # stage 3
+    assert ctx.seed != ctx.run_seed
     k, T = 6, 1.0
 
     def reference():
-        params = SamplingParams(n=k, temperature=T, max_new_tokens=1, seed=ctx.seed, stop_token_ids=(tok.eos_token_id,))
+        params = SamplingParams(n=k, temperature=T, max_new_tokens=1, seed=ctx.run_seed, stop_token_ids=(tok.eos_token_id,))
         outs = generate_on_model(model, [encode_prompt(r, tok) for r in rows], params)
         return [[tok.decode(o, skip_special_tokens=True) for o in outs[i * k:(i + 1) * k]] for i in range(len(rows))]
 
@@ -380,6 +382,8 @@ def test_sampled_eval_scores_mean_at_k_and_pairs_it_with_common_random_numbers(t
     assert after != before
     end = held_out_eval(ctx, RankZero, rows, None, cfg, stage="rl", step=5)
     assert end["sampled_gain"] == paired_gain(before, after)
+    following = dataclasses.replace(ctx, seed=4, stage_dir=tmp_path / "next")  # the next stage, same model
+    assert held_out_eval(following, RankZero, rows, None, cfg, stage="rl2", step=0)["sampled"] == end["sampled"]
     # another k is another metric: not paired with step 0's scores
     other = held_out_eval(ctx, RankZero, rows, None, dataclasses.replace(cfg, sampled=SampledEval(n=k + 1)), stage="rl", step=6)
     assert "sampled_gain" not in other and other["sampled"]["k"] == k + 1
