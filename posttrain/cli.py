@@ -63,6 +63,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     from posttrain.config import ConfigError, load_recipe
 
+    cfg = None
     try:
         cfg = load_recipe(args.recipe, args.overrides)
         if args.verb == "validate":
@@ -72,6 +73,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         from posttrain.pipeline import run_recipe
 
         run_recipe(cfg, resume=args.resume, overwrite=args.overwrite, console=console)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (posttrain.cluster.stop_on_sigterm)
+        from posttrain.cluster import STOPPED_BY
+
+        why = STOPPED_BY[0] if STOPPED_BY else "SIGINT"
+        kept = (f"; {cfg.resolved_run_dir} keeps every saved step: the same command with --resume continues the run"
+                if cfg is not None and args.verb == "run" else "")
+        print_error(console, "stopped", RuntimeError(why + kept))
+        return 143 if why == "SIGTERM" else 130
     except ConfigError as e:
         print_error(console, "error", e)
         return 2

@@ -96,6 +96,31 @@ def start_ray(cluster: ClusterConfig) -> None:
         ray.init(address="local", num_cpus=cluster.num_cpus or os.cpu_count(), num_gpus=cluster.num_gpus,
                  include_dashboard=False,
                  log_to_driver=True, configure_logging=False)
+    stop_on_sigterm()
+
+
+# Which signal stopped the run, for the CLI's closing line: Ray's `get` re-raises an interrupt as a
+# plain KeyboardInterrupt, so the exception cannot carry it.
+STOPPED_BY: list[str] = []
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (a scheduler stopping the job, `timeout`, `kill`) stops the run the way Ctrl-C
+    does: KeyboardInterrupt in the driver's main thread, so every stage's `finally` shuts its
+    actors down and the metrics log is closed; `posttrain run` then prints one line and exits 143,
+    and `--resume` continues from the last saved state. Installed after ray.init: Ray's core
+    otherwise answers SIGTERM by dumping every thread's stack. Main thread only (Python's rule)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        STOPPED_BY.append(signal.Signals(signum).name)
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def stop_ray() -> None:

@@ -129,6 +129,44 @@ def test_driver_killed_at_each_point_resumes_to_identical_weights(tmp_path):
     assert _train_steps(broken) == _train_steps(straight) == {"a": [1, 2, 3, 4], "b": [1, 2, 3]}
 
 
+@pytest.mark.slow
+def test_sigterm_stops_the_run_with_one_line_and_resume_continues_it(tmp_path):
+    """What a scheduler's stop or `timeout` does: SIGTERM to the driver alone, mid-stage. The run
+    stops with one line naming the signal and the way back (exit 143; no traceback, no stack
+    dump from Ray's core); --resume continues from the last saved step, and every step trains
+    and is logged exactly once."""
+    import time
+
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "completion": str(a + b)}) + "\n"
+                             for a in range(8) for b in range(8)))
+    run_dir = tmp_path / "run"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(textwrap.dedent(RECIPE.format(run_dir=run_dir, train=train)))
+    longer = "stages.0.steps=40"
+    p = subprocess.Popen([sys.executable, "-m", "posttrain.cli", "run", str(recipe), longer], start_new_session=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        state, deadline = run_dir / "stages" / "00-a" / "state", time.monotonic() + 300
+        while not (state.is_dir() and any(x.name.startswith("step-") for x in state.iterdir())):
+            assert p.poll() is None and time.monotonic() < deadline, p.stdout.read()[-3000:] if p.stdout else ""
+            time.sleep(0.1)
+        p.send_signal(signal.SIGTERM)  # the driver alone, as `timeout` sends it
+        out, _ = p.communicate(timeout=120)
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert p.returncode == 143, out[-3000:]
+    stopped = [x for x in out.splitlines() if x.startswith("stopped:")]
+    assert len(stopped) == 1 and stopped[0].startswith(f"stopped: SIGTERM; {run_dir}") and "--resume" in stopped[0], out[-3000:]
+    assert "Traceback" not in out and "SIGTERM received" not in out, out[-3000:]
+    rc, out = _run(recipe, "--resume", longer)
+    assert rc == 0 and "a: resuming from step " in out, out[-3000:]
+    assert _train_steps(run_dir) == {"a": list(range(1, 41)), "b": [1, 2, 3]}
+
+
 def _state(root: Path, step: int, files: dict[str, bytes], listed: bool = True) -> Path:
     d = root / f"step-{step:06d}"
     d.mkdir(parents=True)
