@@ -7,14 +7,17 @@ Real processes: `posttrain run` in its own session, SIGKILLed by the fault hook
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Iterator
 
 import pytest
 from safetensors.torch import load_file
@@ -45,19 +48,27 @@ stages:
 """
 
 
-def _run(recipe: Path, *flags: str, kill_at: str | None = None) -> tuple[int, str]:
+@contextlib.contextmanager
+def _driver(recipe: Path, *args: str, kill_at: str | None = None) -> Iterator[subprocess.Popen]:
+    """`posttrain run RECIPE ARGS` in a session of its own, output captured; whatever of that
+    session is left at the end is killed (the fault hook kills the group; be sure)."""
     env = {k: v for k, v in os.environ.items() if k != "POSTTRAIN_KILL_AT"}
     if kill_at:
         env["POSTTRAIN_KILL_AT"] = kill_at
-    p = subprocess.Popen([sys.executable, "-m", "posttrain.cli", "run", str(recipe), *flags], env=env,
+    p = subprocess.Popen([sys.executable, "-m", "posttrain.cli", "run", str(recipe), *args], env=env,
                          start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        out, _ = p.communicate(timeout=600)
+        yield p
     finally:
-        try:  # whatever of its session is left (the hook kills the group; be sure)
+        try:
             os.killpg(p.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def _run(recipe: Path, *flags: str, kill_at: str | None = None) -> tuple[int, str]:
+    with _driver(recipe, *flags, kill_at=kill_at) as p:
+        out, _ = p.communicate(timeout=600)
     return p.returncode, out
 
 
@@ -144,20 +155,13 @@ def test_sigterm_stops_the_run_with_one_line_and_resume_continues_it(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(textwrap.dedent(RECIPE.format(run_dir=run_dir, train=train)))
     longer = "stages.0.steps=40"
-    p = subprocess.Popen([sys.executable, "-m", "posttrain.cli", "run", str(recipe), longer], start_new_session=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
+    with _driver(recipe, longer) as p:
         state, deadline = run_dir / "stages" / "00-a" / "state", time.monotonic() + 300
         while not (state.is_dir() and any(x.name.startswith("step-") for x in state.iterdir())):
             assert p.poll() is None and time.monotonic() < deadline, p.stdout.read()[-3000:] if p.stdout else ""
             time.sleep(0.1)
         p.send_signal(signal.SIGTERM)  # the driver alone, as `timeout` sends it
         out, _ = p.communicate(timeout=120)
-    finally:
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     assert p.returncode == 143, out[-3000:]
     stopped = [x for x in out.splitlines() if x.startswith("stopped:")]
     assert len(stopped) == 1 and stopped[0].startswith(f"stopped: SIGTERM; {run_dir}") and "--resume" in stopped[0], out[-3000:]
