@@ -59,7 +59,7 @@ run_part() {
     *)
       local name=${part%%=*} recipe=${part#*=} args_var=RUN_ARGS_${part%%=*}
       local args=${!args_var:-${RUN_ARGS:-}}
-      (cd /tmp && timeout ${RUN_TIMEOUT:-420} python3 -m posttrain.cli run "$recipe" ${RUN_FLAGS:---overwrite} run_dir=/tmp/runs/$name $args \
+      (cd /tmp && timeout -k 30 ${RUN_TIMEOUT:-420} python3 -m posttrain.cli run "$recipe" ${RUN_FLAGS:---overwrite} run_dir=/tmp/runs/$name $args \
         > "$OUT/$name.log" 2>&1; echo "rc=$?"; grep -v "Warning\|warn(" "$OUT/$name.log" | tail -40)
       tar cz -C /tmp/runs --exclude='*.safetensors' --exclude='*.pt' --exclude='state*' --exclude='checkpoint*' "$name" \
         > "$OUT/$name.run.tgz" ;;
