@@ -12,7 +12,8 @@
 #   lora      benchmarks/lora_vs_full.py (peak memory and step time, LoRA vs full)
 #   decode    benchmarks/gpu_decode.py (DECODE_ARGS: e.g. --contexts 4096 --batches 1 64): native eager,
 #             native with cuda_graphs, transformers
-#   vs_trl    benchmarks/vs_trl.py --device cuda (VS_TRL_ARGS: e.g. --stages cispo grpo --budget 150)
+#   vs_trl    benchmarks/vs_trl.py --device cuda (VS_TRL_ARGS: e.g. --stages cispo grpo --budget 150);
+#             NAME=vs_trl another one beside it (files NAME.*, arguments from VS_TRL_ARGS_NAME)
 #   RECIPE    `posttrain run RECIPE` (a shipped name: gpu, gpu_split, ...): summary + metrics
 #             (RUN_FLAGS=--resume continues /tmp/runs/RECIPE: a run cut by one call, on the warm machine)
 #   NAME=RECIPE  the same, named NAME (run dir, logs), with overrides from $RUN_ARGS_NAME: two
@@ -42,11 +43,14 @@ run_part() {
     gputests)
       (cd /tmp/gt && timeout -s INT -k 30 ${GPUTESTS_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider --timeout ${GPUTEST_EACH_TIMEOUT:-240} -rfE --import-mode=importlib --rootdir /tmp/gt \
         --durations=0 ${GPUTESTS:-tp/test_gpu_placement.py tp/test_learner.py} 2>&1 | tee "$OUT/gputests.log" | tail -30) ;;
-    vs_trl)  # benchmarks/vs_trl.py on CUDA; runs and checkpoints stay in /tmp, the table comes back
-      (cd /tmp && timeout ${VS_TRL_TIMEOUT:-420} python3 "$REPO/benchmarks/vs_trl.py" --device cuda ${VS_TRL_ARGS:-} \
-        --out /tmp/vs_trl 2>&1 | grep --line-buffered -v Warning | tee "$OUT/vs_trl.log" | tail -30)
-      cp /tmp/vs_trl/vs_trl.json /tmp/vs_trl/vs_trl.png "$OUT/" 2>/dev/null
-      (cd /tmp/vs_trl/work && find . -name log.txt -o -name metrics.jsonl | tar czf "$OUT/vs_trl_logs.tgz" -T -) ;;
+    vs_trl|*=vs_trl)  # benchmarks/vs_trl.py on CUDA; runs and checkpoints stay in /tmp, the table comes back
+      # NAME=vs_trl: another invocation (its own dir and files, arguments from VS_TRL_ARGS_NAME)
+      local vname=${part%%=*} vargs_var=VS_TRL_ARGS_${part%%=*}
+      local vargs=${!vargs_var:-${VS_TRL_ARGS:-}}
+      (cd /tmp && timeout ${VS_TRL_TIMEOUT:-420} python3 "$REPO/benchmarks/vs_trl.py" --device cuda $vargs \
+        --out /tmp/$vname 2>&1 | grep --line-buffered -v Warning | tee "$OUT/$vname.log" | tail -30)
+      cp /tmp/$vname/vs_trl.json "$OUT/$vname.json" 2>/dev/null; cp /tmp/$vname/vs_trl.png "$OUT/$vname.png" 2>/dev/null
+      (cd /tmp/$vname/work && find . -name log.txt -o -name metrics.jsonl | tar czf "$OUT/${vname}_logs.tgz" -T -) ;;
     rl_learner)  # benchmarks/rl_learner_gpu.py: shared-prefix vs full forward of one RL micro-batch + profile
       (cd /tmp && timeout ${RL_LEARNER_TIMEOUT:-240} python3 "$REPO/benchmarks/rl_learner_gpu.py" --profile 2>&1 \
         | grep --line-buffered -v Warning > "$OUT/rl_learner.log"; grep -A8 "^### RL" "$OUT/rl_learner.log") ;;

@@ -91,9 +91,13 @@ class Settings:
     max_new_tokens: int = 32
     temperature: float = 1.0
     seed: int = 0
-    # posttrain's hybrid RL rows: the native engine's CUDA-graph decode (rollout.cuda_graphs, on
-    # by default on CUDA); False (--eager-decode) pins rollout.cuda_graphs: false
+    # posttrain's RL rows: the decode step as a CUDA graph (rollout.cuda_graphs, on by default on
+    # CUDA: the native engine's own for the hybrid, the hf engine's static cache + compiled step
+    # for qwen2); False (--eager-decode) pins rollout.cuda_graphs: false
     cuda_graphs: bool = True
+    # TRL's RL rows: GRPOConfig(cache_implementation="static") (--trl-static-cache), with which
+    # transformers compiles TRL's decode step too. Off: TRL's default (a dynamic cache, eager)
+    trl_static_cache: bool = False
     # posttrain's RL rows (--async-rl): one step off-policy (async_rollout max_staleness 1, TIS
     # correction at 2.0; docs/async_rl.md), generation of step t + 1 overlapping the learner's
     # step t. Not like for like: TRL without vLLM has no such mode, so the table says which ran
@@ -148,7 +152,7 @@ def posttrain_recipe(s: Settings, family: str, stage: str, paths: dict[str, str]
                                 "max_new_tokens": s.max_new_tokens},
                    "loss": loss, "filters": {"dynamic_sampling": False}, "reward": {"fn": "exact_match"},
                    "updates_per_batch": 1, "micro_size": s.rl_micro}
-        if not s.cuda_graphs and family == "hybrid":
+        if not s.cuda_graphs:
             common["rollout"] = {"cuda_graphs": False}
         if s.async_rl:
             common |= {"async_rollout": {"max_staleness": 1}, "correction": {"mode": "tis", "high": 2.0}}
@@ -180,6 +184,8 @@ def trl_config(s: Settings, stage: str, output_dir: str) -> dict[str, Any]:
                     mask_truncated_completions=False, use_vllm=False, cast_lm_head_to_fp32=True,
                     # TRL's CISPO clamps the IS weight at epsilon_high itself; posttrain's at 1 + eps_high
                     epsilon=0.2, epsilon_high=0.28 if stage == "grpo" else 5.0)
+        if s.trl_static_cache:
+            cfg |= dict(cache_implementation="static")
     return cfg
 
 
@@ -543,11 +549,14 @@ def main() -> None:
                     help="run only these sides (e.g. re-run TRL's rows after a fix on its side)")
     ap.add_argument("--trl-worker", help=argparse.SUPPRESS)
     for f in dataclasses.fields(Settings):  # every shared setting, defaults from the device's preset
-        if f.name not in ("device", "betas", "cuda_graphs", "async_rl"):
+        if f.name not in ("device", "betas", "cuda_graphs", "async_rl", "trl_static_cache"):
             ap.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(PRESETS["cpu"], f.name)))
     ap.add_argument("--eager-decode", dest="cuda_graphs", action="store_false", default=None,
-                    help="posttrain's hybrid RL rows: rollout.cuda_graphs false (no CUDA-graph decode, which is on "
+                    help="posttrain's RL rows: rollout.cuda_graphs false (no CUDA-graph decode, which is on "
                          "by default on CUDA)")
+    ap.add_argument("--trl-static-cache", dest="trl_static_cache", action="store_true", default=None,
+                    help="TRL's RL rows with cache_implementation='static' (transformers then compiles its decode "
+                         "step on CUDA); off: TRL's default dynamic cache")
     ap.add_argument("--async-rl", dest="async_rl", action="store_true", default=None,
                     help="posttrain's RL rows one step off-policy (async_rollout, TIS correction): generation "
                          "overlaps the learner; TRL's rows stay synchronous (it has no such mode without vLLM)")

@@ -6,6 +6,14 @@ step; the engine's log-probs are log_softmax(logits.float() / T) at the sampled 
 posttrain.rollout.types for why there is no top-k/top-p renormalisation). Slow but simple: it is
 the yardstick the native and vLLM engines are tested against.
 
+Decoding on CUDA (`cuda_graphs`, the rollout config's setting): for models transformers can compile
+whole (`_can_compile_fullgraph`: Qwen2, Llama, ...; not MiniMax) the KV cache is a `StaticCache`
+whose length is bucketed (`static_cache_len`), so every call of one batch size decodes through
+one compiled step: torch.compile in "reduce-overhead" mode, replayed as a CUDA graph. Eager
+transformers decoding of a ~200M model is bound by kernel launches and Python (issue 16: 2.5 s
+of a 2.8-s qwen2 GRPO step on an H200). A cache length that followed each call's prompt width
+would compile again for every new width; the buckets keep it to a few shapes.
+
 Seeding: with `params.seed` set, generation runs inside `torch.random.fork_rng` seeded with it,
 so the same seed and the same prompts give the same completions (unlike `native`, the samples
 do depend on batch composition, because transformers draws from one shared RNG).
@@ -13,10 +21,12 @@ do depend on batch composition, because transformers draws from one shared RNG).
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Iterable, Optional, Sequence
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel
+from transformers import GenerationConfig, PreTrainedModel, StaticCache
+from transformers.generation.configuration_utils import CompileConfig
 
 from posttrain.rollout.sampling import early_stop_length
 from posttrain.rollout.types import Completion, FinishReason, SamplingParams
@@ -57,15 +67,53 @@ def finish_completion(
     return Completion(prompt_index, sample_index, tokens, logprobs, reason)
 
 
-class HFEngine:
-    """RolloutEngine over a transformers causal LM (already on its device, eval mode)."""
+MIN_STATIC_CACHE_LEN = 256
+MAX_CACHES = 4  # static caches kept, one per (rows, length)
 
-    def __init__(self, model: PreTrainedModel, max_batch: Optional[int] = None) -> None:
+
+def static_cache_len(width: int, max_new_tokens: int, fixed: Optional[int] = None) -> int:
+    """KV length of the static cache for a call whose longest prompt has `width` tokens: `fixed`
+    (the rollout config's max_len) when set, else the next power of two >= width +
+    max_new_tokens, at least MIN_STATIC_CACHE_LEN. Raises ValueError when `fixed` is too short."""
+    need = width + max_new_tokens
+    if fixed is not None:
+        if fixed < need:
+            raise ValueError(f"hf engine: rollout.max_len={fixed} < longest prompt ({width}) + max_new_tokens "
+                             f"({max_new_tokens})")
+        return fixed
+    return max(MIN_STATIC_CACHE_LEN, 1 << (need - 1).bit_length())
+
+
+class HFEngine:
+    """RolloutEngine over a transformers causal LM (already on its device, eval mode).
+
+    cuda_graphs: False: transformers' default dynamic cache, eager. None: a static cache and the
+    compiled decode step where they apply (CUDA, a model transformers compiles whole); a compile
+    that fails warns and this engine decodes eagerly from then on, the failed call redone from
+    the same RNG state. True: as None, but a failure raises, and so does a model that cannot be
+    compiled. max_len: the static cache's length (None: bucketed per call, `static_cache_len`).
+    """
+
+    def __init__(self, model: PreTrainedModel, max_batch: Optional[int] = None,
+                 cuda_graphs: Optional[bool] = False, max_len: Optional[int] = None) -> None:
         self.model = model.eval()
         self.max_batch = max_batch  # None: all prompts x n in one generate call
         self.policy_version = 0
         pad = model.config.pad_token_id
         self.pad_id = int(pad) if pad is not None else 0
+        compilable = bool(getattr(model, "_can_compile_fullgraph", False))
+        if cuda_graphs is True and not compilable:
+            raise ValueError(f"rollout.cuda_graphs: true, but transformers cannot compile {type(model).__name__} "
+                             f"whole for the hf engine's decode step (set it to null or false)")
+        self.cuda_graphs = cuda_graphs
+        self.max_len = max_len
+        # static cache + compiled decode step; decided here, turned off by a failed compile (None)
+        self.static_decode = cuda_graphs is not False and compilable and _device(model).type == "cuda"
+        # reduce-overhead: CUDA graphs; fixed shapes, so a new (rows, cache length) compiles anew.
+        # None: the static cache without compiling (what the CPU tests check of the cache alone)
+        self.compile_config: Optional[CompileConfig] = CompileConfig(mode="reduce-overhead", dynamic=False)
+        self.decode_shapes: set[tuple[int, int]] = set()  # (rows, cache length) decoded statically
+        self._caches: dict[tuple[int, int], StaticCache] = {}
 
     def _generation_config(self, params: SamplingParams) -> GenerationConfig:
         # Every knob is explicit so the model's own generation_config.json (repetition penalty,
@@ -90,14 +138,53 @@ class HFEngine:
             use_cache=True,
         )
 
+    def _static_cache(self, rows: int, length: int) -> StaticCache:
+        """The static cache for (rows, length), emptied. The same object (the same tensors, which
+        a CUDA graph reads in place) whenever the shape comes back; the last MAX_CACHES kept."""
+        cache = self._caches.pop((rows, length), None)
+        if cache is None:
+            cache = StaticCache(config=self.model.config, max_cache_len=length)
+        else:
+            cache.reset()
+        self._caches[(rows, length)] = cache  # most recent last
+        while len(self._caches) > MAX_CACHES:
+            self._caches.pop(next(iter(self._caches)))
+        return cache
+
+    def _generate_static(self, input_ids: torch.Tensor, mask: torch.Tensor, config: GenerationConfig, length: int):
+        if self.compile_config is None:  # the static cache alone, eager
+            config.disable_compile = True
+        else:
+            config.compile_config = self.compile_config
+        out = self.model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config,
+                                  past_key_values=self._static_cache(input_ids.shape[0], length))
+        self.decode_shapes.add((input_ids.shape[0], length))
+        return out
+
     @torch.no_grad()
     def _generate_rows(self, rows: Sequence[Sequence[int]], params: SamplingParams) -> list[tuple[list[int], list[float]]]:
         """Raw generated tokens and their log-probs for each row (before stop/truncation cuts)."""
-        device = next(self.model.parameters()).device
+        device = _device(self.model)
         input_ids, mask = left_pad(rows, self.pad_id, device)
-        out = self.model.generate(
-            input_ids=input_ids, attention_mask=mask, generation_config=self._generation_config(params)
-        )
+        config = self._generation_config(params)
+        out = None
+        if self.static_decode:
+            length = static_cache_len(input_ids.shape[1], params.max_new_tokens, self.max_len)
+            rng = _rng_state(device)
+            try:
+                out = self._generate_static(input_ids, mask, config, length)
+            except Exception as error:  # a compile or graph failure: eager from now on (None)
+                if self.cuda_graphs is True:
+                    raise
+                warnings.warn(f"hf engine: the compiled static-cache decode failed ({type(error).__name__}: {error}); "
+                              f"decoding eagerly from now on (rollout.cuda_graphs: true makes this an error)",
+                              RuntimeWarning, stacklevel=2)
+                self.static_decode = False
+                self._caches.clear()
+                _set_rng_state(device, rng)
+                config = self._generation_config(params)
+        if out is None:
+            out = self.model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)
         new = out.sequences[:, input_ids.shape[1]:]  # [B, steps]
         t = params.temperature if params.temperature > 0 else 1.0
         logits = torch.stack(out.logits, dim=1).float()  # [B, steps, V]
@@ -108,7 +195,7 @@ class HFEngine:
         """n completions per prompt, prompt-major (see RolloutEngine)."""
         keys = [(p, s) for p in range(len(prompts)) for s in range(params.n)]
         raw: dict[tuple[int, int], tuple[list[int], list[float]]] = {}
-        device = next(self.model.parameters()).device
+        device = _device(self.model)
         # Fork (and seed) the RNG of the device that samples, leaving the caller's RNG untouched.
         rng_devices = [device.index or 0] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=rng_devices):
@@ -143,6 +230,22 @@ class HFEngine:
         if getattr(self.model.config, "model_type", None) == "minimax":
             resolve = lambda name: minimax_checkpoint_view(self.model, name)  # noqa: E731
         load_named_tensors(self.model, named_tensors, resolve)
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _rng_state(device: torch.device) -> torch.Tensor:
+    """The RNG state that sampling on `device` draws from."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_rng_state(device: torch.device, state: torch.Tensor) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
 
 
 _MINIMAX_EXPERT = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight$")

@@ -26,25 +26,29 @@ class RolloutConfig:
     engine: Optional[Literal["hf", "native", "vllm"]] = None  # a key of ENGINES; null: native for our hybrid, hf otherwise
     max_slots: int = 64  # native: decode slots (its max batch); hf: rows per transformers generate call; vllm: max_num_seqs
     # native: KV capacity per slot, null = longest prompt + max_new_tokens; vllm: max_model_len,
-    # null = the model's max_position_embeddings
+    # null = the model's max_position_embeddings; hf with cuda_graphs: the static cache's length,
+    # null = per call, the next power of two >= longest prompt + max_new_tokens (at least 256)
     max_len: Optional[int] = None
     weight_bucket_mb: float = 64.0  # weight sync moves and loads at most this many MiB at a time
     # vllm: MiB for softmax layers' KV cache and lightning layers' states; null: vLLM's default
     # share of the device (on CPU: gpu_memory_utilization of RAM)
     kv_cache_mb: Optional[float] = 256.0
-    # native on a CUDA device: a generate call that decodes past a few steps captures its decode
-    # step once as a CUDA graph and replays it (one launch per step instead of a few hundred
-    # kernels; 3.4-4x the eager step's tokens/s on an H200, docs/benchmarks.md). null: on where
-    # it applies (native engine, CUDA), falling back to eager decoding with a warning if a capture
-    # fails; true: required (a failed capture is an error; other engines are refused); false: off
+    # The decode step as a CUDA graph, on a CUDA device. native: a generate call that decodes
+    # past a few steps captures its step once and replays it (one launch per step instead of a
+    # few hundred kernels; 3.4-4x the eager step's tokens/s on an H200, docs/benchmarks.md).
+    # hf: transformers' static KV cache (length bucketed, or max_len) and its decode step
+    # compiled by torch.compile's reduce-overhead mode, for models transformers compiles whole
+    # (Qwen2, Llama, ...; not MiniMax). null: on where it applies, falling back to eager
+    # decoding with a warning if a capture or compile fails; true: required (a failure is an
+    # error; vllm, and hf on a model that cannot compile, are refused); false: off
     cuda_graphs: Optional[bool] = None
 
     def __post_init__(self) -> None:
         if self.engine is not None and self.engine not in ENGINES:
             raise ValueError(f"engine: {self.engine!r} is not one of {sorted(ENGINES)}")
-        if self.cuda_graphs is True and self.engine not in (None, "native"):
-            raise ValueError(f"cuda_graphs: the native engine's setting (engine is {self.engine!r}; "
-                             f"vLLM captures its own graphs)")
+        if self.cuda_graphs is True and self.engine == "vllm":
+            raise ValueError("cuda_graphs: the native and hf engines' setting (engine is 'vllm', which captures "
+                             "its own graphs)")
         if not self.max_slots >= 1:
             raise ValueError(f"max_slots: must be >= 1, got {self.max_slots}")
         if self.max_len is not None and not self.max_len >= 1:
@@ -65,8 +69,6 @@ def default_engine(model: nn.Module) -> str:
 def build_engine(model: nn.Module, config: RolloutConfig) -> RolloutEngine:
     """The engine `config` names (or the model's default) on `model`."""
     engine = config.engine or default_engine(model)
-    if config.cuda_graphs is True and engine != "native":
-        raise ValueError(f"rollout.cuda_graphs: the native engine's setting; this model runs on the {engine} engine")
     return ENGINES[engine](model, config)
 
 
@@ -93,7 +95,7 @@ def generate_on_model(model: nn.Module, prompts: Sequence[Sequence[int]], params
 def _build_hf(model: nn.Module, config: RolloutConfig) -> RolloutEngine:
     from posttrain.rollout.hf_engine import HFEngine
 
-    return HFEngine(model, max_batch=config.max_slots)
+    return HFEngine(model, max_batch=config.max_slots, cuda_graphs=config.cuda_graphs, max_len=config.max_len)
 
 
 def _build_native(model: nn.Module, config: RolloutConfig) -> RolloutEngine:

@@ -89,19 +89,25 @@ def test_cuda_settings_match_precision(vs_trl, inputs):
     assert (s.prompts, s.group, s.max_new_tokens) == (8, 8, 128)  # the shape of issue 16's measurement
 
 
-def test_eager_decode_only_on_posttrains_hybrid_rl_rows(vs_trl, inputs):
-    """posttrain's default decode (CUDA graphs on CUDA) unless --eager-decode, which pins the
-    native engine's setting where the native engine runs (the hybrid's RL rows); qwen2
-    generates with transformers on both sides and is left as it is."""
+def test_eager_decode_only_on_posttrains_rl_rows_and_trls_static_cache_on_request(vs_trl, inputs):
+    """posttrain's default decode (CUDA graphs on CUDA: the native engine's for the hybrid, the
+    hf engine's compiled static-cache step for qwen2) unless --eager-decode, which pins
+    rollout.cuda_graphs false on every RL row; --trl-static-cache gives TRL's RL rows
+    transformers' static cache (its compiled decode), TRL's default being the dynamic cache."""
     _, work, paths = inputs
     paths = {**paths, "hybrid": paths["qwen2"]}  # the path is not read here
     default = vs_trl.PRESETS["cuda"]
-    assert "rollout" not in vs_trl.posttrain_recipe(default, "hybrid", "cispo", paths, str(work / "run"))["stages"][0]
+    for family in ("hybrid", "qwen2"):
+        assert "rollout" not in vs_trl.posttrain_recipe(default, family, "cispo", paths, str(work / "run"))["stages"][0]
     s = dataclasses.replace(default, cuda_graphs=False)
-    hybrid = vs_trl.posttrain_recipe(s, "hybrid", "cispo", paths, str(work / "run"))["stages"][0]
-    assert hybrid["rollout"] == {"cuda_graphs": False}
-    assert "rollout" not in vs_trl.posttrain_recipe(s, "qwen2", "cispo", paths, str(work / "run"))["stages"][0]
+    for family in ("hybrid", "qwen2"):
+        rl = vs_trl.posttrain_recipe(s, family, "cispo", paths, str(work / "run"))["stages"][0]
+        assert rl["rollout"] == {"cuda_graphs": False}
     assert "rollout" not in vs_trl.posttrain_recipe(s, "hybrid", "sft", paths, str(work / "run"))["stages"][0]
+    assert "cache_implementation" not in vs_trl.trl_config(default, "grpo", str(work / "trl"))
+    static = dataclasses.replace(default, trl_static_cache=True)
+    assert vs_trl.trl_config(static, "grpo", str(work / "trl"))["cache_implementation"] == "static"
+    assert "cache_implementation" not in vs_trl.trl_config(static, "sft", str(work / "trl"))
 
 
 def test_async_rl_only_on_posttrains_rl_rows(vs_trl, inputs):
