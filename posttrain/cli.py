@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional
+from typing import Any, Optional
 
 from rich.console import Console
 
@@ -70,16 +70,20 @@ def main(argv: Optional[list[str]] = None) -> int:
             console.print(f"[green]{args.recipe}: OK[/green] ({len(cfg.stages)} stages: "
                           + ", ".join(f"{s.name} ({s.kind})" for s in cfg.stages) + ")")
             return 0
+        from posttrain.cluster import ON_STUCK_STOP, STOP_GRACE_S
         from posttrain.pipeline import run_recipe
 
+        # SIGTERM to the whole process group kills Ray's own processes too, and the shutdown can
+        # then hang: the watchdog of posttrain.cluster.stop_on_sigterm prints this and exits
+        ON_STUCK_STOP[:] = [lambda why: print_error(console, "stopped", RuntimeError(
+            stopped_message(why, cfg) + f" (Ray's processes did not shut down within {STOP_GRACE_S:.0f} s and "
+            f"were killed)"))]
         run_recipe(cfg, resume=args.resume, overwrite=args.overwrite, console=console)
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (posttrain.cluster.stop_on_sigterm)
         from posttrain.cluster import STOPPED_BY
 
         why = STOPPED_BY[0] if STOPPED_BY else "SIGINT"
-        kept = (f"; {cfg.resolved_run_dir} keeps every saved step: the same command with --resume continues the run"
-                if cfg is not None and args.verb == "run" else "")
-        print_error(console, "stopped", RuntimeError(why + kept))
+        print_error(console, "stopped", RuntimeError(stopped_message(why, cfg if args.verb == "run" else None)))
         return 143 if why == "SIGTERM" else 130
     except ConfigError as e:
         print_error(console, "error", e)
@@ -113,6 +117,13 @@ def compare(console: Console, runs: list[str], png: str) -> int:
     console.print(compare_table(labels, changes))
     console.print(f"plot: {plot_changes(labels, changes, Path(png))}", highlight=False)
     return 0
+
+
+def stopped_message(why: str, cfg: Any) -> str:
+    """The closing line's text for a run stopped by signal `why` (cfg None: before any run)."""
+    if cfg is None:
+        return why
+    return f"{why}; {cfg.resolved_run_dir} keeps every saved step: the same command with --resume continues the run"
 
 
 def print_error(console: Console, label: str, error: Exception) -> None:

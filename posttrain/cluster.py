@@ -102,6 +102,11 @@ def start_ray(cluster: ClusterConfig) -> None:
 # Which signal stopped the run, for the CLI's closing line: Ray's `get` re-raises an interrupt as a
 # plain KeyboardInterrupt, so the exception cannot carry it.
 STOPPED_BY: list[str] = []
+# What to do when the actors' shutdown after SIGTERM does not finish within STOP_GRACE_S seconds
+# (env POSTTRAIN_STOP_GRACE_S; keep it under a scheduler's own kill delay, e.g. `timeout -k 30`):
+# the CLI prints its closing line here. Then the process exits 143 whatever is still waiting.
+ON_STUCK_STOP: list[Callable[[str], None]] = []
+STOP_GRACE_S = float(os.environ.get("POSTTRAIN_STOP_GRACE_S", "20"))
 
 
 def stop_on_sigterm() -> None:
@@ -109,7 +114,14 @@ def stop_on_sigterm() -> None:
     does: KeyboardInterrupt in the driver's main thread, so every stage's `finally` shuts its
     actors down and the metrics log is closed; `posttrain run` then prints one line and exits 143,
     and `--resume` continues from the last saved state. Installed after ray.init: Ray's core
-    otherwise answers SIGTERM by dumping every thread's stack. Main thread only (Python's rule)."""
+    otherwise answers SIGTERM by dumping every thread's stack. Main thread only (Python's rule).
+
+    A signal to the whole process group (`timeout`, Slurm's scancel) also reaches the raylet
+    this driver started, which dies of it; the shutdown then waits on Ray forever (measured: a
+    `timeout`-cut run ended only by SIGKILL). So the signal also starts a watchdog: if the
+    process is still here after STOP_GRACE_S, it runs ON_STUCK_STOP, kills what is left of the
+    local Ray instance (this process's descendants) and exits 143. Saved steps are written
+    atomically, so nothing saved is lost."""
     import signal
     import threading
 
@@ -117,10 +129,38 @@ def stop_on_sigterm() -> None:
         return
 
     def stop(signum: int, frame: Any) -> None:
-        STOPPED_BY.append(signal.Signals(signum).name)
-        raise KeyboardInterrupt(signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if not STOPPED_BY:
+            threading.Thread(target=_exit_if_stuck, args=(name,), name="posttrain-stop", daemon=True).start()
+        STOPPED_BY.append(name)
+        raise KeyboardInterrupt(name)
 
     signal.signal(signal.SIGTERM, stop)
+
+
+def _exit_if_stuck(signal_name: str) -> None:
+    import sys
+    import time
+
+    time.sleep(STOP_GRACE_S)
+    for hook in ON_STUCK_STOP:
+        try:
+            hook(signal_name)
+        except Exception:  # noqa: BLE001 - the exit below must happen
+            pass
+    try:
+        import psutil
+
+        for child in psutil.Process().children(recursive=True):
+            try:
+                child.kill()
+            except psutil.Error:
+                pass
+    except Exception:  # noqa: BLE001 - no psutil, or the process table changed under us
+        pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(143)
 
 
 def stop_ray() -> None:

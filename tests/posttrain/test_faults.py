@@ -171,6 +171,39 @@ def test_sigterm_stops_the_run_with_one_line_and_resume_continues_it(tmp_path):
     assert _train_steps(run_dir) == {"a": list(range(1, 41)), "b": [1, 2, 3]}
 
 
+def test_sigterm_to_the_whole_process_group_stops_with_one_line_and_leaves_no_process(tmp_path, monkeypatch):
+    """What `timeout` and Slurm's scancel do: SIGTERM to every process of the group, Ray's raylet
+    included, which dies of it; the driver's shutdown then waits on Ray forever (before the
+    watchdog: killed only by `timeout -k`'s SIGKILL, no closing line). Now, within the grace
+    period, one closing line, exit 143, and nothing of the run left running."""
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "completion": str(a + b)}) + "\n"
+                             for a in range(8) for b in range(8)))
+    run_dir = tmp_path / "run"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(textwrap.dedent(RECIPE.format(run_dir=run_dir, train=train)))
+    monkeypatch.setenv("POSTTRAIN_STOP_GRACE_S", "5")
+    with _driver(recipe, "stages.0.steps=400") as p:
+        state, deadline = run_dir / "stages" / "00-a" / "state", time.monotonic() + 300
+        while not (state.is_dir() and any(x.name.startswith("step-") for x in state.iterdir())):
+            assert p.poll() is None and time.monotonic() < deadline, p.stdout.read()[-3000:] if p.stdout else ""
+            time.sleep(0.1)
+        os.killpg(p.pid, signal.SIGTERM)
+        out, _ = p.communicate(timeout=60)
+        assert p.returncode == 143, out[-3000:]
+        stopped = [x for x in out.splitlines() if x.startswith("stopped:")]
+        assert len(stopped) == 1 and stopped[0].startswith(f"stopped: SIGTERM; {run_dir}"), out[-3000:]
+        assert "Traceback" not in out, out[-3000:]
+        deadline = time.monotonic() + 20
+        while True:  # every process of the group gone (Ray's workers exit when their raylet is gone)
+            try:
+                os.killpg(p.pid, 0)
+            except ProcessLookupError:
+                break
+            assert time.monotonic() < deadline, "processes of the run are still alive"
+            time.sleep(0.2)
+
+
 def _state(root: Path, step: int, files: dict[str, bytes], listed: bool = True) -> Path:
     d = root / f"step-{step:06d}"
     d.mkdir(parents=True)
