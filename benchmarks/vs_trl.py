@@ -32,6 +32,13 @@ the JSON also has the whole tree's device memory from nvidia-smi when available)
     .venv/bin/python benchmarks/vs_trl.py --device cpu --out benchmark_out/vs_trl      # tiny, ~15 minutes
     python3 benchmarks/vs_trl.py --device cuda --stages cispo grpo sft dpo --budget 300 --timeout 200 --out $OUT/vs_trl
 
+Decoding differs by default, and the JSON's `decode` block says how each side ran: on CUDA
+posttrain's RL rows replay their decode step as a CUDA graph (rollout.cuda_graphs: the native
+engine's for the hybrid, the hf engine's static cache and compiled step for qwen2), while TRL
+decodes with transformers' dynamic cache. `--eager-decode` turns posttrain's off;
+`--trl-static-cache` gives TRL transformers' own static cache (GRPOConfig
+cache_implementation='static', which transformers compiles on CUDA).
+
 `--async-rl` runs posttrain's RL rows one step off-policy (generation of step t + 1 overlapping
 the learner's step t; async_rollout + TIS correction): not like for like, since TRL's rows stay
 synchronous (it has no such mode without vLLM); the table's title says so.
@@ -598,6 +605,20 @@ def main() -> None:
     print(f"\nwrote {out / 'vs_trl.json'}" + (f", {png}" if png else "") + f" ({time.perf_counter() - t0:.0f} s)")
 
 
+def decode_setup(s: Settings) -> dict[str, str]:
+    """How each side's RL rows decode (the one setting where the sides differ by default)."""
+    if s.device != "cuda":
+        graphs = "eager (CUDA graphs apply on CUDA only)"
+    elif s.cuda_graphs:
+        graphs = ("rollout.cuda_graphs default: hybrid, the native engine's captured decode step; qwen2, the hf "
+                  "engine's StaticCache (bucketed length) and torch.compile reduce-overhead step")
+    else:
+        graphs = "rollout.cuda_graphs false (--eager-decode): eager decoding"
+    trl = ("GRPOConfig cache_implementation='static' (--trl-static-cache): transformers' StaticCache, its decode "
+           "step compiled on CUDA" if s.trl_static_cache else "TRL's default: transformers' dynamic cache, eager")
+    return {"posttrain": graphs, "trl": trl}
+
+
 def _save(out: Path, s: Settings, paths: dict[str, str], results: list[dict], args: argparse.Namespace) -> None:
     import platform
 
@@ -619,7 +640,8 @@ def _save(out: Path, s: Settings, paths: dict[str, str], results: list[dict], ar
                "table": table_rows(results), "results": results,
                "fair": "same checkpoint, data files, precision, attention (sdpa), threads/process, optimizer, batch "
                        "and micro-batch, max length, prompts x samples, max new tokens, optimizer steps; no vLLM; "
-                       "warm-up steps excluded; see the module docstring"}
+                       "warm-up steps excluded; see the module docstring",
+               "decode": decode_setup(s)}
     (out / "vs_trl.json").write_text(json.dumps(payload, indent=1, default=str))
 
 

@@ -133,3 +133,12 @@ def test_a_side_left_out_by_sides_shows_in_the_table_without_a_ratio(vs_trl):
     """--sides trl: the rows hold TRL's result only; the table says the other side was not run."""
     (row,) = vs_trl.table_rows([{"family": "hybrid", "stage": "cispo", "trl": {"rate": 100.0, "step_s": 2.0}}])
     assert row[3] == "not run (--sides)" and row[4] == 100.0 and row[-1] == "-"
+
+
+def test_the_json_says_how_each_side_decodes(vs_trl):
+    cuda = vs_trl.PRESETS["cuda"]
+    assert "torch.compile" in vs_trl.decode_setup(cuda)["posttrain"]
+    assert "dynamic cache" in vs_trl.decode_setup(cuda)["trl"]
+    assert "--eager-decode" in vs_trl.decode_setup(dataclasses.replace(cuda, cuda_graphs=False))["posttrain"]
+    assert "static" in vs_trl.decode_setup(dataclasses.replace(cuda, trl_static_cache=True))["trl"]
+    assert "eager" in vs_trl.decode_setup(vs_trl.PRESETS["cpu"])["posttrain"]
