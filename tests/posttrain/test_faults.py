@@ -140,60 +140,65 @@ def test_driver_killed_at_each_point_resumes_to_identical_weights(tmp_path):
     assert _train_steps(broken) == _train_steps(straight) == {"a": [1, 2, 3, 4], "b": [1, 2, 3]}
 
 
-@pytest.mark.slow
-def test_sigterm_stops_the_run_with_one_line_and_resume_continues_it(tmp_path):
-    """What a scheduler's stop or `timeout` does: SIGTERM to the driver alone, mid-stage. The run
-    stops with one line naming the signal and the way back (exit 143; no traceback, no stack
-    dump from Ray's core); --resume continues from the last saved step, and every step trains
-    and is logged exactly once."""
-    import time
-
+def _stoppable(tmp_path: Path) -> tuple[Path, Path]:
+    """(recipe, run dir) of RECIPE on the addition rows, for the signal tests."""
     train = tmp_path / "train.jsonl"
     train.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "completion": str(a + b)}) + "\n"
                              for a in range(8) for b in range(8)))
     run_dir = tmp_path / "run"
     recipe = tmp_path / "r.yaml"
     recipe.write_text(textwrap.dedent(RECIPE.format(run_dir=run_dir, train=train)))
-    longer = "stages.0.steps=40"
-    with _driver(recipe, longer) as p:
-        state, deadline = run_dir / "stages" / "00-a" / "state", time.monotonic() + 300
-        while not (state.is_dir() and any(x.name.startswith("step-") for x in state.iterdir())):
-            assert p.poll() is None and time.monotonic() < deadline, p.stdout.read()[-3000:] if p.stdout else ""
-            time.sleep(0.1)
-        p.send_signal(signal.SIGTERM)  # the driver alone, as `timeout` sends it
-        out, _ = p.communicate(timeout=120)
-    assert p.returncode == 143, out[-3000:]
+    return recipe, run_dir
+
+
+def _wait_for_a_saved_step(p: subprocess.Popen, run_dir: Path) -> None:
+    """Until stage a has written a resumable state (mid-stage from then on)."""
+    state, deadline = run_dir / "stages" / "00-a" / "state", time.monotonic() + 300
+    while not (state.is_dir() and any(x.name.startswith("step-") for x in state.iterdir())):
+        assert p.poll() is None and time.monotonic() < deadline, p.stdout.read()[-3000:] if p.stdout else ""
+        time.sleep(0.1)
+
+
+def _one_stopped_line(out: str, run_dir: Path) -> str:
     stopped = [x for x in out.splitlines() if x.startswith("stopped:")]
     assert len(stopped) == 1 and stopped[0].startswith(f"stopped: SIGTERM; {run_dir}") and "--resume" in stopped[0], out[-3000:]
     assert "Traceback" not in out and "SIGTERM received" not in out, out[-3000:]
+    return stopped[0]
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_run_with_one_line_and_resume_continues_it(tmp_path):
+    """What a scheduler's stop or `kill` does: SIGTERM to the driver alone, mid-stage. The run
+    stops with one line naming the signal and the way back (exit 143; no traceback, no stack
+    dump from Ray's core); --resume continues from the last saved step, and every step trains
+    and is logged exactly once."""
+    recipe, run_dir = _stoppable(tmp_path)
+    longer = "stages.0.steps=40"
+    with _driver(recipe, longer) as p:
+        _wait_for_a_saved_step(p, run_dir)
+        p.send_signal(signal.SIGTERM)  # the driver alone
+        out, _ = p.communicate(timeout=120)
+    assert p.returncode == 143, out[-3000:]
+    assert "did not shut down" not in _one_stopped_line(out, run_dir)  # the clean path, not the watchdog
     rc, out = _run(recipe, "--resume", longer)
     assert rc == 0 and "a: resuming from step " in out, out[-3000:]
     assert _train_steps(run_dir) == {"a": list(range(1, 41)), "b": [1, 2, 3]}
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_whole_process_group_stops_with_one_line_and_leaves_no_process(tmp_path, monkeypatch):
     """What `timeout` and Slurm's scancel do: SIGTERM to every process of the group, Ray's raylet
     included, which dies of it; the driver's shutdown then waits on Ray forever (before the
     watchdog: killed only by `timeout -k`'s SIGKILL, no closing line). Now, within the grace
     period, one closing line, exit 143, and nothing of the run left running."""
-    train = tmp_path / "train.jsonl"
-    train.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "completion": str(a + b)}) + "\n"
-                             for a in range(8) for b in range(8)))
-    run_dir = tmp_path / "run"
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(textwrap.dedent(RECIPE.format(run_dir=run_dir, train=train)))
+    recipe, run_dir = _stoppable(tmp_path)
     monkeypatch.setenv("POSTTRAIN_STOP_GRACE_S", "5")
     with _driver(recipe, "stages.0.steps=400") as p:
-        state, deadline = run_dir / "stages" / "00-a" / "state", time.monotonic() + 300
-        while not (state.is_dir() and any(x.name.startswith("step-") for x in state.iterdir())):
-            assert p.poll() is None and time.monotonic() < deadline, p.stdout.read()[-3000:] if p.stdout else ""
-            time.sleep(0.1)
+        _wait_for_a_saved_step(p, run_dir)
         os.killpg(p.pid, signal.SIGTERM)
         out, _ = p.communicate(timeout=60)
         assert p.returncode == 143, out[-3000:]
-        stopped = [x for x in out.splitlines() if x.startswith("stopped:")]
-        assert len(stopped) == 1 and stopped[0].startswith(f"stopped: SIGTERM; {run_dir}"), out[-3000:]
-        assert "Traceback" not in out, out[-3000:]
+        _one_stopped_line(out, run_dir)
         deadline = time.monotonic() + 20
         while True:  # every process of the group gone (Ray's workers exit when their raylet is gone)
             try:
