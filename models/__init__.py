@@ -6,6 +6,7 @@ Building / loading:
         The tokenizer decides the vocabulary: pass vocab_size and special ids (they override
         the preset's defaults; for a path they are checked against the checkpoint).
     meta_model(cfg): the same architecture on the meta device (module names, no weights).
+    model_type(cfg): its Hugging Face model_type ("minimax" for presets), from config.json alone.
     load_model(path, cfg): config.json model_type "minimax" -> HybridForCausalLM, anything else
         -> transformers.AutoModelForCausalLM (never remote code).
     Saving: `model.save_pretrained(dir)` (config.json + model.safetensors); the files load in
@@ -20,7 +21,7 @@ Decoding for the native engine: posttrain.models.decode. Packed rows: posttrain.
 """
 from __future__ import annotations
 
-from posttrain.models.build import build_model, eval_mode, load_model, meta_model
+from posttrain.models.build import build_model, eval_mode, load_model, meta_model, model_type
 from posttrain.models.config import ModelConfig
 from posttrain.models.hybrid import HybridForCausalLM, lm_head_fp32, router_aux_loss
 from posttrain.models.logprobs import forward_hidden, set_gradient_checkpointing, token_logprobs
@@ -33,6 +34,7 @@ __all__ = [
     "build_model",
     "load_model",
     "meta_model",
+    "model_type",
     "eval_mode",
     "preset_config",
     "HybridForCausalLM",

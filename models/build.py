@@ -54,17 +54,27 @@ def load_model(path: str | Path, cfg: ModelConfig) -> nn.Module:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"model.path={path}: no config.json (not a Hugging Face model directory)")
-    model_type = json.loads(config_file.read_text()).get("model_type")
+    kind = _path_model_type(str(path))
     config = AutoConfig.from_pretrained(path)
     for key, value in cfg.overrides.items():
         if not hasattr(config, key):
             raise ValueError(f"model.overrides.{key}: not a key of {type(config).__name__} ({config_file})")
         setattr(config, key, value)
     config.posttrain_fp32_lm_head = cfg.fp32_lm_head
-    cls = HybridForCausalLM if model_type == "minimax" else AutoModelForCausalLM
+    cls = HybridForCausalLM if kind == "minimax" else AutoModelForCausalLM
     model = cls.from_pretrained(path, config=config, dtype=_DTYPES[cfg.dtype])
     set_gradient_checkpointing(model, cfg.gradient_checkpointing)
     return model
+
+
+def model_type(cfg: ModelConfig) -> str:
+    """The Hugging Face model_type `cfg` builds ("minimax" for our presets), from config.json
+    alone: no model is built."""
+    return "minimax" if cfg.preset is not None else _path_model_type(cfg.path)
+
+
+def _path_model_type(path: str) -> str:
+    return str(json.loads((Path(path) / "config.json").read_text()).get("model_type"))
 
 
 def meta_model(cfg: ModelConfig) -> nn.Module:
@@ -84,7 +94,7 @@ def _meta_model(key: str) -> nn.Module:
         config = AutoConfig.from_pretrained(path)
         for k, v in overrides.items():
             setattr(config, k, v)
-        kind = json.loads((Path(path) / "config.json").read_text()).get("model_type")
+        kind = _path_model_type(path)
     with torch.device("meta"):
         return HybridForCausalLM(config) if kind == "minimax" else AutoModelForCausalLM.from_config(config)
 

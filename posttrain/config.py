@@ -19,7 +19,8 @@ copied):
 Everything is checked here, before Ray or any model starts: unknown keys (with a
 did-you-mean), types, required values, each field's domain (the classes' __post_init__),
 cross-field and cluster-dependent checks, that files and modules the recipe names exist, that
-a lora block's target modules exist in the model.
+a lora block's target modules exist in the model, that each rollout engine can serve the model
+(native needs our hybrid; hf's cuda_graphs: true a model transformers compiles whole).
 """
 from __future__ import annotations
 
@@ -89,6 +90,7 @@ class RecipeConfig:
                 st.check_cluster(self.cluster)
                 if st.lora is not None:
                     self._check_lora(st)
+                self._check_engines(st)
             except ValueError as e:
                 raise ValueError(f"stages[{i}].{e}") from None
         # last: the slowest check (every row of every local file), once the rest is known good
@@ -97,6 +99,28 @@ class RecipeConfig:
                 st.check_files()
             except ValueError as e:
                 raise ValueError(f"stages[{i}].{e}") from None
+
+    def _check_engines(self, stage: AnyStageConfig) -> None:
+        """Each rollout engine of the stage can serve the model (an rl stage's workers; a dpo
+        stage's policy-sampled pairs), so a mismatch is a load error, not a worker's crash."""
+        from posttrain.models import meta_model, model_type
+        from posttrain.rollout.worker import check_engine
+
+        engines = []
+        if isinstance(stage, RLStageConfig):
+            engines.append(("rollout", stage.rollout))
+        if isinstance(stage, DPOStageConfig) and stage.pairs.source == "policy":
+            engines.append(("pairs.rollout", stage.pairs.rollout))
+        if not engines:
+            return
+        model = self.model.with_overrides(stage.model_overrides)
+        minimax = model_type(model) == "minimax"
+        compiles = lambda: bool(getattr(type(meta_model(model)), "_can_compile_fullgraph", False))  # noqa: E731
+        for key, rollout in engines:
+            try:
+                check_engine(rollout, minimax, compiles)
+            except ValueError as e:
+                raise ValueError(f"{key}.{e}") from None
 
     def _check_lora(self, stage: AnyStageConfig) -> None:
         """A LoRA block's targets exist in the model (its layer names from a meta-device copy: no

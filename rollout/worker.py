@@ -72,6 +72,20 @@ def build_engine(model: nn.Module, config: RolloutConfig) -> RolloutEngine:
     return ENGINES[engine](model, config)
 
 
+def check_engine(config: RolloutConfig, minimax: bool, hf_compiles: Callable[[], bool]) -> None:
+    """The engine `config` resolves to can serve the model, checked when the recipe loads (the
+    same rules build_engine and the engines apply later, inside the workers): `minimax` is the
+    model's family (our hybrid for native, transformers' MiniMax classes for hf);
+    `hf_compiles()` whether transformers compiles the hf engine's model whole (asked only for
+    hf with cuda_graphs true). Raises ValueError("engine: ..." / "cuda_graphs: ...")."""
+    engine = config.engine or ("native" if minimax else "hf")
+    if engine == "native" and not minimax:
+        raise ValueError("engine: 'native' needs a MiniMax hybrid model (this one is not: use 'hf' or 'vllm')")
+    if config.cuda_graphs is True and engine == "hf" and (minimax or not hf_compiles()):
+        raise ValueError("cuda_graphs: true, but transformers cannot compile this model whole for the hf engine's "
+                         "decode step (set it to null or false)" + (", or use the native engine" if minimax else ""))
+
+
 @torch.no_grad()
 def generate_on_model(model: nn.Module, prompts: Sequence[Sequence[int]], params: SamplingParams,
                       config: Optional[RolloutConfig] = None) -> list[list[int]]:

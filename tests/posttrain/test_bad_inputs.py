@@ -23,6 +23,7 @@ from typing import Callable, Union
 import pytest
 
 from posttrain.cli import main
+from posttrain.testing import toy_transformer
 
 RECIPE = """
 name: t
@@ -96,6 +97,7 @@ def world(tmp_path) -> World:
     (tmp_path / "noweights").mkdir()
     (tmp_path / "noweights" / "config.json").write_text('{"model_type": "minimax"}')
     (tmp_path / "emptytok").mkdir()
+    toy_transformer(0).save_pretrained(tmp_path / "qwen")  # a Qwen2, not our hybrid
     (tmp_path / "badmod.py").write_text("1 / 0\n")
     (tmp_path / "exitmod.py").write_text("import sys\nsys.exit(3)\n")
     (tmp_path / "okmod.py").write_text("def other(text, ref, **meta):\n    return 0.0\n")
@@ -172,6 +174,11 @@ CASES = [
          overrides=["model={path: {root}/emptymodel}"]),
     Case("model-dir-missing", ["error: model.path: directory not found: {root}/nomodel"],
          overrides=["model={path: {root}/nomodel}"]),
+    Case("native-engine-on-a-qwen2", ["error: stages[1].rollout.engine: 'native' needs a MiniMax hybrid model"],
+         overrides=["model={path: {root}/qwen}", "stages.rl.rollout.engine=native"]),
+    Case("cuda-graphs-required-of-transformers-minimax", [
+        "error: stages[1].rollout.cuda_graphs: true, but transformers cannot compile this model whole"],
+         overrides=["stages.rl.rollout={engine: hf, cuda_graphs: true}"]),
     Case("tokenizer-dir-empty", ["error: tokenizer.path: {root}/emptytok has no tokenizer.json"],
          overrides=["tokenizer={kind: path, path: {root}/emptytok}"]),
     Case("batch-not-dividing-learners", ["error: stages[0].batch.global_size: 4 must be a multiple of batch.micro_size x "

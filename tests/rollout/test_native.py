@@ -193,3 +193,24 @@ def test_cuda_graph_decode_equals_eager_on_the_gpu(tiny_hybrid_d64, prompts, dty
     short = SamplingParams(n=2, temperature=0.0, max_new_tokens=CAPTURE_AFTER_STEPS // 2)
     graphed_engine.generate(prompts[:2], short)
     assert graphed_engine.graph_captures == 2
+
+
+def test_engine_and_model_pairs_are_checked_with_the_rules_the_workers_apply(hf_tiny, native_model):
+    """check_engine (run when a recipe loads) refuses exactly what building the engine on the
+    model would: native on a non-hybrid, cuda_graphs true on the hf engine for a model
+    transformers cannot compile whole (its MiniMax); the model family picks the default."""
+    from posttrain.rollout.worker import RolloutConfig, build_engine, check_engine
+
+    never = lambda: pytest.fail("compilability asked although it cannot matter")  # noqa: E731
+    check_engine(RolloutConfig(), minimax=True, hf_compiles=never)  # -> native
+    check_engine(RolloutConfig(cuda_graphs=True), minimax=True, hf_compiles=never)  # native graphs
+    check_engine(RolloutConfig(cuda_graphs=True), minimax=False, hf_compiles=lambda: True)  # hf, Qwen2-like
+    with pytest.raises(ValueError, match="^engine: 'native' needs a MiniMax hybrid model"):
+        check_engine(RolloutConfig(engine="native"), minimax=False, hf_compiles=never)
+    with pytest.raises(ValueError, match="^cuda_graphs: true, but transformers cannot compile"):
+        check_engine(RolloutConfig(engine="hf", cuda_graphs=True), minimax=True, hf_compiles=never)
+    with pytest.raises(ValueError, match="^cuda_graphs: true"):
+        check_engine(RolloutConfig(cuda_graphs=True), minimax=False, hf_compiles=lambda: False)
+    # the same pair refused by the engine itself (transformers' MiniMax on the hf engine)
+    with pytest.raises(ValueError, match="cannot compile MiniMaxForCausalLM"):
+        build_engine(hf_tiny, RolloutConfig(engine="hf", cuda_graphs=True))
