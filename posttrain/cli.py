@@ -70,18 +70,19 @@ def main(argv: Optional[list[str]] = None) -> int:
             console.print(f"[green]{args.recipe}: OK[/green] ({len(cfg.stages)} stages: "
                           + ", ".join(f"{s.name} ({s.kind})" for s in cfg.stages) + ")")
             return 0
-        from posttrain.cluster import ON_STUCK_STOP, STOP_GRACE_S
+        from posttrain.cluster import ON_STUCK_STOP, stop_grace_s
         from posttrain.pipeline import run_recipe
 
         # SIGTERM to the whole process group kills Ray's own processes too, and the shutdown can
         # then hang: the watchdog of posttrain.cluster.stop_on_sigterm prints this and exits
         ON_STUCK_STOP[:] = [lambda why: print_error(console, "stopped", RuntimeError(
-            stopped_message(why, cfg) + f" (Ray's processes did not shut down within {STOP_GRACE_S:.0f} s and "
+            stopped_message(why, cfg) + f" (Ray's processes did not shut down within {stop_grace_s():.0f} s and "
             f"were killed)"))]
         run_recipe(cfg, resume=args.resume, overwrite=args.overwrite, console=console)
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (posttrain.cluster.stop_on_sigterm)
-        from posttrain.cluster import STOPPED_BY
+        from posttrain.cluster import ON_STUCK_STOP, STOPPED_BY
 
+        ON_STUCK_STOP.clear()  # the line is printed here: a watchdog that fires later prints no second one
         why = STOPPED_BY[0] if STOPPED_BY else "SIGINT"
         print_error(console, "stopped", RuntimeError(stopped_message(why, cfg if args.verb == "run" else None)))
         return 143 if why == "SIGTERM" else 130

@@ -102,11 +102,77 @@ def start_ray(cluster: ClusterConfig) -> None:
 # Which signal stopped the run, for the CLI's closing line: Ray's `get` re-raises an interrupt as a
 # plain KeyboardInterrupt, so the exception cannot carry it.
 STOPPED_BY: list[str] = []
-# What to do when the actors' shutdown after SIGTERM does not finish within STOP_GRACE_S seconds
-# (env POSTTRAIN_STOP_GRACE_S; keep it under a scheduler's own kill delay, e.g. `timeout -k 30`):
-# the CLI prints its closing line here. Then the process exits 143 whatever is still waiting.
+# What the watchdog does before it exits, when a stop after SIGTERM does not settle in time: the
+# CLI prints its closing line here (and empties the list once it has printed it itself).
 ON_STUCK_STOP: list[Callable[[str], None]] = []
-STOP_GRACE_S = float(os.environ.get("POSTTRAIN_STOP_GRACE_S", "20"))
+DEFAULT_STOP_GRACE_S = 20.0
+
+
+def stop_grace_s() -> float:
+    """Seconds a stop may take before the watchdog ends the process: POSTTRAIN_STOP_GRACE_S, or
+    20 when unset or not a number in [0, 1e6). Keep it under a scheduler's own kill delay
+    (`timeout -k 30`)."""
+    try:
+        grace = float(os.environ.get("POSTTRAIN_STOP_GRACE_S", DEFAULT_STOP_GRACE_S))
+    except ValueError:
+        return DEFAULT_STOP_GRACE_S
+    return grace if 0 <= grace < 1e6 else DEFAULT_STOP_GRACE_S
+
+
+class _StopWatchdog:
+    """Ends a process whose stop after SIGTERM does not settle: a daemon thread, started when
+    the handler is installed (never from inside the handler), that waits for a stop request;
+    then, unless `settle()` comes within stop_grace_s(), it runs ON_STUCK_STOP, kills this
+    process's descendants (what is left of the local Ray instance) and exits 143."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.requested = threading.Event()
+        self.settled = threading.Event()
+        self.thread: Optional[threading.Thread] = None
+
+    def arm(self) -> None:
+        import threading
+
+        if self.thread is not None and self.thread.is_alive() and not self.requested.is_set():
+            return  # already waiting
+        self.requested, self.settled = threading.Event(), threading.Event()
+        self.thread = threading.Thread(target=self._watch, args=(self.requested, self.settled),
+                                       name="posttrain-stop", daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def _watch(requested: Any, settled: Any) -> None:
+        import sys
+
+        requested.wait()
+        if settled.wait(stop_grace_s()):
+            return
+        for hook in list(ON_STUCK_STOP):
+            try:
+                hook(STOPPED_BY[0] if STOPPED_BY else "SIGTERM")
+            except BaseException:  # noqa: BLE001 - rich raises SystemExit on a broken pipe; exit anyway
+                pass
+        try:
+            import psutil
+
+            for child in psutil.Process().children(recursive=True):
+                try:
+                    child.kill()
+                except psutil.Error:
+                    pass
+        except Exception:  # noqa: BLE001 - no psutil, or the process table changed under us
+            pass
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except BaseException:  # noqa: BLE001
+                pass
+        os._exit(143)
+
+
+_WATCHDOG = _StopWatchdog()
 
 
 def stop_on_sigterm() -> None:
@@ -118,49 +184,32 @@ def stop_on_sigterm() -> None:
 
     A signal to the whole process group (`timeout`, Slurm's scancel) also reaches the raylet
     this driver started, which dies of it; the shutdown then waits on Ray forever (measured: a
-    `timeout`-cut run ended only by SIGKILL). So the signal also starts a watchdog: if the
-    process is still here after STOP_GRACE_S, it runs ON_STUCK_STOP, kills what is left of the
-    local Ray instance (this process's descendants) and exits 143. Saved steps are written
-    atomically, so nothing saved is lost."""
+    `timeout`-cut run ended only by SIGKILL). So the signal also wakes a watchdog
+    (`_StopWatchdog`): a stop that has not settled (`settle_stop`: Ray shut down after the
+    stages' cleanup) within stop_grace_s() ends the process with exit 143. Saved steps are
+    written atomically, so nothing saved is lost."""
     import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         return
+    _WATCHDOG.arm()
 
     def stop(signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
-        if not STOPPED_BY:
-            threading.Thread(target=_exit_if_stuck, args=(name,), name="posttrain-stop", daemon=True).start()
         STOPPED_BY.append(name)
+        _WATCHDOG.requested.set()
         raise KeyboardInterrupt(name)
 
     signal.signal(signal.SIGTERM, stop)
 
 
-def _exit_if_stuck(signal_name: str) -> None:
-    import sys
-    import time
-
-    time.sleep(STOP_GRACE_S)
-    for hook in ON_STUCK_STOP:
-        try:
-            hook(signal_name)
-        except Exception:  # noqa: BLE001 - the exit below must happen
-            pass
-    try:
-        import psutil
-
-        for child in psutil.Process().children(recursive=True):
-            try:
-                child.kill()
-            except psutil.Error:
-                pass
-    except Exception:  # noqa: BLE001 - no psutil, or the process table changed under us
-        pass
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(143)
+def settle_stop() -> None:
+    """After a SIGTERM, once the stages' cleanup is done: shut Ray down here (not at interpreter
+    exit, where a dead raylet would hang it unwatched) and disarm the watchdog. No-op otherwise."""
+    if _WATCHDOG.requested.is_set():
+        stop_ray()
+        _WATCHDOG.settled.set()
 
 
 def stop_ray() -> None:

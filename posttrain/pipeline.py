@@ -89,7 +89,7 @@ def prepare_tokenizer(cfg: TokenizerConfig, run_dir: Path):
 
 def run_recipe(cfg: RecipeConfig, *, resume: bool = False, overwrite: bool = False,
                console: Optional[Console] = None) -> dict[str, Any]:
-    from posttrain.cluster import LearnerGroup, Placement, start_ray
+    from posttrain.cluster import LearnerGroup, Placement, settle_stop, start_ray
 
     console = console or Console()
     run_dir = prepare_run_dir(cfg, resume=resume or cfg.resume, overwrite=overwrite)
@@ -153,6 +153,7 @@ def run_recipe(cfg: RecipeConfig, *, resume: bool = False, overwrite: bool = Fal
             kept[0].shutdown()
         logger.close()
         placement.remove()
+        settle_stop()  # after a SIGTERM: Ray shut down, the stop watchdog disarmed
     summary = {"recipe": cfg.name, "run_dir": str(run_dir), "stages": results}
     write_json_atomic(run_dir / "summary.json", summary)
     console.print(summary_table(summary))

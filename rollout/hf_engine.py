@@ -68,18 +68,19 @@ def finish_completion(
 
 
 MIN_STATIC_CACHE_LEN = 256
-MAX_CACHES = 4  # static caches kept, one per (rows, length)
+# static caches kept, one per (rows, length): a training shape and an eval shape. Each holds K and V
+# of every layer for rows x length positions, on the GPU between calls (in colocated mode also
+# while the learner trains: rollout.cuda_graphs false frees it after each call)
+MAX_CACHES = 2
 
 
 def static_cache_len(width: int, max_new_tokens: int, fixed: Optional[int] = None) -> int:
     """KV length of the static cache for a call whose longest prompt has `width` tokens: `fixed`
-    (the rollout config's max_len) when set, else the next power of two >= width +
-    max_new_tokens, at least MIN_STATIC_CACHE_LEN. Raises ValueError when `fixed` is too short."""
+    (the rollout config's max_len) when set and long enough, else the next power of two >=
+    width + max_new_tokens, at least MIN_STATIC_CACHE_LEN (a call that outgrows max_len gets a
+    bucket of its own, as the dynamic cache it replaces would have grown)."""
     need = width + max_new_tokens
-    if fixed is not None:
-        if fixed < need:
-            raise ValueError(f"hf engine: rollout.max_len={fixed} < longest prompt ({width}) + max_new_tokens "
-                             f"({max_new_tokens})")
+    if fixed is not None and fixed >= need:
         return fixed
     return max(MIN_STATIC_CACHE_LEN, 1 << (need - 1).bit_length())
 

@@ -26,8 +26,9 @@ class RolloutConfig:
     engine: Optional[Literal["hf", "native", "vllm"]] = None  # a key of ENGINES; null: native for our hybrid, hf otherwise
     max_slots: int = 64  # native: decode slots (its max batch); hf: rows per transformers generate call; vllm: max_num_seqs
     # native: KV capacity per slot, null = longest prompt + max_new_tokens; vllm: max_model_len,
-    # null = the model's max_position_embeddings; hf with cuda_graphs: the static cache's length,
-    # null = per call, the next power of two >= longest prompt + max_new_tokens (at least 256)
+    # null = the model's max_position_embeddings; hf with cuda_graphs: the static cache's length
+    # (a call that needs more gets its bucket), null = per call, the next power of two >= longest
+    # prompt + max_new_tokens (at least 256)
     max_len: Optional[int] = None
     weight_bucket_mb: float = 64.0  # weight sync moves and loads at most this many MiB at a time
     # vllm: MiB for softmax layers' KV cache and lightning layers' states; null: vLLM's default
@@ -38,7 +39,8 @@ class RolloutConfig:
     # few hundred kernels; 3.4-4x the eager step's tokens/s on an H200, docs/benchmarks.md).
     # hf: transformers' static KV cache (length bucketed, or max_len) and its decode step
     # compiled by torch.compile's reduce-overhead mode, for models transformers compiles whole
-    # (Qwen2, Llama, ...; not MiniMax). null: on where it applies, falling back to eager
+    # (Qwen2, Llama, ...; not MiniMax), whose last two caches stay on the GPU between calls (K and
+    # V of every layer for rows x length). null: on where it applies, falling back to eager
     # decoding with a warning if a capture or compile fails; true: required (a failure is an
     # error; vllm, and hf on a model that cannot compile, are refused); false: off
     cuda_graphs: Optional[bool] = None

@@ -209,6 +209,47 @@ def test_sigterm_to_the_whole_process_group_stops_with_one_line_and_leaves_no_pr
             time.sleep(0.2)
 
 
+WATCHED = """
+import os, sys, time
+from posttrain import cluster
+
+def hook(why):
+    print("hook", why, flush=True)
+    raise SystemExit(1)  # what rich's console does on a broken pipe
+
+cluster.ON_STUCK_STOP[:] = [hook]
+cluster._WATCHDOG.arm()
+cluster.STOPPED_BY.append("SIGTERM")
+cluster._WATCHDOG.requested.set()  # what the SIGTERM handler does
+if sys.argv[1] == "settles":
+    cluster._WATCHDOG.settled.set()  # what settle_stop does once Ray is down
+time.sleep(6)
+print("lived", flush=True)
+"""
+
+
+@pytest.mark.parametrize("case", ["stuck", "settles"])
+def test_the_stop_watchdog_exits_a_stuck_stop_even_when_its_hook_raises_and_spares_a_settled_one(case, monkeypatch):
+    monkeypatch.setenv("POSTTRAIN_STOP_GRACE_S", "0.5")
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", WATCHED, case], capture_output=True, text=True, timeout=60)
+    if case == "stuck":  # the hook ran, its SystemExit did not stop the exit, well before the sleep ended
+        assert done.returncode == 143 and "hook SIGTERM" in done.stdout and "lived" not in done.stdout, done
+        assert time.monotonic() - start < 5.5
+    else:
+        assert done.returncode == 0 and "lived" in done.stdout and "hook" not in done.stdout, done
+
+
+def test_stop_grace_is_read_from_the_environment_with_a_safe_default(monkeypatch):
+    from posttrain.cluster import stop_grace_s
+
+    for value, expect in [("5", 5.0), ("0", 0.0), ("abc", 20.0), ("-1", 20.0), ("inf", 20.0), ("nan", 20.0)]:
+        monkeypatch.setenv("POSTTRAIN_STOP_GRACE_S", value)
+        assert stop_grace_s() == expect, value
+    monkeypatch.delenv("POSTTRAIN_STOP_GRACE_S")
+    assert stop_grace_s() == 20.0
+
+
 def _state(root: Path, step: int, files: dict[str, bytes], listed: bool = True) -> Path:
     d = root / f"step-{step:06d}"
     d.mkdir(parents=True)

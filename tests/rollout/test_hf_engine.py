@@ -64,8 +64,7 @@ def test_static_cache_length_is_bucketed_or_the_configured_max_len():
     assert static_cache_len(100, 128) == 256 and static_cache_len(129, 128) == 512
     assert static_cache_len(4000, 4) == 4096 and static_cache_len(4093, 4) == 8192
     assert static_cache_len(12, 128, fixed=300) == 300
-    with pytest.raises(ValueError, match="max_len=100 < longest prompt"):
-        static_cache_len(12, 128, fixed=100)
+    assert static_cache_len(12, 128, fixed=100) == 256  # max_len too short for this call: its bucket
 
 
 def static_engine(model, compiled: bool = False, **kw) -> HFEngine:
@@ -105,6 +104,18 @@ def test_static_cache_decodes_what_the_dynamic_cache_does_and_is_reused(prompts,
     assert [c.token_ids for c in again] == [c.token_ids for c in HFEngine(model).generate(shorter, params)]
     (same,) = engine._caches.values()
     assert same is cache and same.layers[0].keys.data_ptr() == keys.data_ptr()
+
+
+def test_the_last_two_static_caches_are_kept(prompts):
+    """One cache per (rows, length), the least recently used dropped beyond MAX_CACHES (2): a
+    training shape and an eval shape stay, memory stays bounded."""
+    from posttrain.rollout.hf_engine import MAX_CACHES
+
+    engine = static_engine(qwen2(64))
+    params = SamplingParams(n=1, temperature=0.0, max_new_tokens=4)
+    for rows in (prompts[:1], prompts[:2], prompts[:3], prompts[:2]):
+        engine.generate(rows, params)
+    assert MAX_CACHES == 2 and list(engine._caches) == [(3, 256), (2, 256)]
 
 
 def test_compiled_static_decode_one_graph_for_many_prompt_widths_and_new_weights(prompts):
