@@ -231,11 +231,9 @@ print("lived", flush=True)
 @pytest.mark.parametrize("case", ["stuck", "settles"])
 def test_the_stop_watchdog_exits_a_stuck_stop_even_when_its_hook_raises_and_spares_a_settled_one(case, monkeypatch):
     monkeypatch.setenv("POSTTRAIN_STOP_GRACE_S", "0.5")
-    start = time.monotonic()
     done = subprocess.run([sys.executable, "-c", WATCHED, case], capture_output=True, text=True, timeout=60)
-    if case == "stuck":  # the hook ran, its SystemExit did not stop the exit, well before the sleep ended
+    if case == "stuck":  # the hook ran, its SystemExit did not stop the exit, and the exit came mid-sleep
         assert done.returncode == 143 and "hook SIGTERM" in done.stdout and "lived" not in done.stdout, done
-        assert time.monotonic() - start < 5.5
     else:
         assert done.returncode == 0 and "lived" in done.stdout and "hook" not in done.stdout, done
 
