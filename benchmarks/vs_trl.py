@@ -109,6 +109,15 @@ class Settings:
     # correction at 2.0; docs/async_rl.md), generation of step t + 1 overlapping the learner's
     # step t. Not like for like: TRL without vLLM has no such mode, so the table says which ran
     async_rl: bool = False
+    # --profile: torch.profiler over two more optimizer steps after the timed ones on both sides
+    # (posttrain: learner.profile; TRL: a callback); each row's report goes to its dir and its head
+    # into the log. Untimed: writing the report and trace would land in the last profiled step
+    profile: bool = False
+
+    @property
+    def profile_window(self) -> tuple[int, int]:
+        """1-based optimizer steps both sides profile: the two after the timed ones."""
+        return self.warmup + self.steps + 1, self.warmup + self.steps + 2
 
     @property
     def dtype(self) -> str:
@@ -116,7 +125,11 @@ class Settings:
 
     @property
     def total_steps(self) -> int:
-        return self.warmup + self.steps
+        return self.warmup + self.steps + (2 if self.profile else 0)
+
+    def timed(self, step: int) -> bool:
+        """Whether 1-based optimizer step `step` is timed (not warm-up, not profiled)."""
+        return self.warmup < step <= self.warmup + self.steps
 
 
 PRESETS = {  # --preset: the sizes each device runs by default
@@ -143,6 +156,8 @@ def posttrain_recipe(s: Settings, family: str, stage: str, paths: dict[str, str]
         # CUDA: DeepSpeed bf16 with ZeRO-1, as recipes/gpu.yaml (fp32 master weights and AdamW state)
         "learner": {"zero_stage": 1 if s.device == "cuda" else 0},
     }
+    if s.profile:
+        common["learner"]["profile"] = list(s.profile_window)
     if stage == "sft":
         common |= {"data": {"train": paths["sft"], "format": "prompt_completion", "max_seq_len": s.max_len},
                    "batch": {"global_size": s.sft_batch, "micro_size": s.sft_micro}}
@@ -345,7 +360,7 @@ def run_posttrain(s: Settings, family: str, stage: str, paths: dict[str, str], w
     metrics = row_dir / "run" / "metrics.jsonl"
     rows = [json.loads(ln) for ln in metrics.read_text().splitlines()] if metrics.exists() else []
     train = sorted((r for r in rows if r["split"] == "train"), key=lambda r: r["step"])
-    timed = [r for r in train if r["step"] > s.warmup]
+    timed = [r for r in train if s.timed(r["step"])]
     if rc != 0 or len(timed) < s.steps:
         return out | {"error": f"posttrain exited {rc} with {len(timed)} timed steps (log: {row_dir / 'log.txt'})"}
     rl = stage in ("grpo", "cispo")
@@ -355,11 +370,13 @@ def run_posttrain(s: Settings, family: str, stage: str, paths: dict[str, str], w
         out["phases_s"] = {k[5:]: sum(r.get(k, 0.0) for r in timed) / len(timed)
                            for k in ("time/generate", "time/reward", "time/learner", "time/sync")}
         out["sampled_tokens_per_step"] = sum(r["rollout/tokens"] for r in timed) / len(timed)
-    elif stage == "sft":
-        work_per_step = [r["tokens"] for r in timed]
     else:
-        work_per_step = [float(s.dpo_batch)] * len(timed)
+        work_per_step = [r["tokens"] for r in timed] if stage == "sft" else [float(s.dpo_batch)] * len(timed)
+        learner = sum(r.get("time/learner", 0.0) for r in timed) / len(timed)  # the learner's round trip
+        out["phases_s"] = {"learner": learner, "driver": sum(steps) / len(steps) - learner}
     out |= _rates(steps, work_per_step)
+    if s.profile:
+        out["profile"] = show_profile(f"{family} {stage} posttrain", sorted(row_dir.glob("run/stages/*/profile/rank0.txt")))
     if s.device == "cuda":
         out["peak_gib"] = max((r.get("gpu_peak_gib", 0.0) for r in train), default=None)
     else:
@@ -386,9 +403,21 @@ def run_trl(s: Settings, family: str, stage: str, paths: dict[str, str], work: P
     if rc != 0 or not result.exists():
         return out | {"error": f"TRL exited {rc} (log: {row_dir / 'log.txt'})"}
     res = json.loads(result.read_text())
+    if s.profile:
+        out["profile"] = show_profile(f"{family} {stage} TRL", [row_dir / "profile.txt"])
     out |= _rates(res["step_s"], res["work"]) | {k: v for k, v in res.items() if k not in ("step_s", "work")}
     out["peak_gib"] = res["cuda_peak_gib"] if s.device == "cuda" else mem["pss_peak_gib"]
     return out
+
+
+def show_profile(label: str, found: list[Path]) -> Optional[str]:
+    """Print the head of a row's profile report (its wall, device time and phases); its path."""
+    if not found or not found[0].exists():
+        print(f"{label}: no profile report", flush=True)
+        return None
+    head = found[0].read_text().split("## top operators")[0].strip()
+    print(f"{label} profile ({found[0]}):\n" + textwrap.indent(head, "  "), flush=True)
+    return str(found[0])
 
 
 def trl_worker(spec_path: str) -> None:
@@ -428,7 +457,22 @@ def trl_worker(spec_path: str) -> None:
             self.ends.append(time.perf_counter())
             self.marks.append(sum(counted))
 
+    class Profile(TrainerCallback):  # --profile: the same optimizer steps as posttrain's learner.profile
+        def __init__(self) -> None:
+            from posttrain.profiling import StepProfiler
+
+            self.steps = StepProfiler(s.profile_window, str(Path(spec["result"]).parent), 0)
+
+        def on_step_begin(self, args, state, control, **kw):  # noqa: ANN001
+            self.steps.begin(state.global_step + 1)
+
+        def on_step_end(self, args, state, control, **kw):  # noqa: ANN001
+            if s.device == "cuda":
+                torch.cuda.synchronize()
+            self.steps.end(state.global_step)
+
     clock = Clock()
+    callbacks = [clock] + ([Profile()] if s.profile else [])
     load = lambda key: load_dataset("json", data_files=paths[key], split="train")  # noqa: E731
     if stage == "sft":
         from trl import SFTConfig, SFTTrainer
@@ -441,12 +485,12 @@ def trl_worker(spec_path: str) -> None:
                 return super().compute_loss(model, inputs, *a, **kw)
 
         trainer = Counting(model=model, args=SFTConfig(**spec["config"]), train_dataset=load("sft_trl"),
-                           processing_class=tok, callbacks=[clock])
+                           processing_class=tok, callbacks=callbacks)
     elif stage == "dpo":
         from trl import DPOConfig, DPOTrainer
 
         trainer = DPOTrainer(model=model, args=DPOConfig(**spec["config"]), train_dataset=load("pref"),
-                             processing_class=tok, callbacks=[clock])
+                             processing_class=tok, callbacks=callbacks)
     else:
         from trl import GRPOConfig, GRPOTrainer
 
@@ -460,16 +504,20 @@ def trl_worker(spec_path: str) -> None:
                 return out
 
         trainer = Counting(model=model, reward_funcs=exact_match, args=GRPOConfig(**spec["config"]),
-                           train_dataset=load("rl"), processing_class=tok, callbacks=[clock])
+                           train_dataset=load("rl"), processing_class=tok, callbacks=callbacks)
     if s.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
+    for cb in callbacks:  # the report under the name show_profile reads
+        if isinstance(cb, Profile) and cb.steps.written is not None:
+            cb.steps.written.rename(cb.steps.written.with_name("profile.txt"))
     ends, marks = clock.ends, clock.marks
-    step_s = [ends[i] - ends[i - 1] for i in range(s.warmup, len(ends))]
+    timed = [i for i in range(1, len(ends)) if s.timed(i + 1)]  # ends[i]: the end of step i + 1
+    step_s = [ends[i] - ends[i - 1] for i in timed]
     if stage == "dpo":
         work = [float(s.dpo_batch)] * len(step_s)
     else:
-        per_step = [marks[i] - marks[i - 1] for i in range(s.warmup, len(marks))]
+        per_step = [marks[i] - marks[i - 1] for i in timed]
         # RL: sampled + trained completion tokens (one update per batch: the same tokens twice)
         work = [2 * w for w in per_step] if stage in ("grpo", "cispo") else per_step
     res: dict[str, Any] = {"step_s": step_s, "work": work, "steps_seen": len(ends)}
@@ -556,7 +604,7 @@ def main() -> None:
                     help="run only these sides (e.g. re-run TRL's rows after a fix on its side)")
     ap.add_argument("--trl-worker", help=argparse.SUPPRESS)
     for f in dataclasses.fields(Settings):  # every shared setting, defaults from the device's preset
-        if f.name not in ("device", "betas", "cuda_graphs", "async_rl", "trl_static_cache"):
+        if f.name not in ("device", "betas", "cuda_graphs", "async_rl", "trl_static_cache", "profile"):
             ap.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(PRESETS["cpu"], f.name)))
     ap.add_argument("--eager-decode", dest="cuda_graphs", action="store_false", default=None,
                     help="posttrain's RL rows: rollout.cuda_graphs false (no CUDA-graph decode, which is on "
@@ -567,6 +615,9 @@ def main() -> None:
     ap.add_argument("--async-rl", dest="async_rl", action="store_true", default=None,
                     help="posttrain's RL rows one step off-policy (async_rollout, TIS correction): generation "
                          "overlaps the learner; TRL's rows stay synchronous (it has no such mode without vLLM)")
+    ap.add_argument("--profile", dest="profile", action="store_true", default=None,
+                    help="torch.profiler over the first two timed steps on both sides (posttrain: learner.profile); "
+                         "reports in each row's dir, their heads in the log")
     args = ap.parse_args()
     if args.trl_worker:
         return trl_worker(args.trl_worker)

@@ -385,8 +385,8 @@ class LearnerGroup:
         return self._get([getattr(a, method).remote(*args) for a in self.actors])
 
     def configure(self, optim: Any, schedule: Any, learner: Any, total_steps: int, lora: Any = None,
-                  adapter: Optional[str] = None) -> None:
-        self._all("configure", optim, schedule, learner, total_steps, lora, adapter)
+                  adapter: Optional[str] = None, profile_dir: Optional[str] = None) -> None:
+        self._all("configure", optim, schedule, learner, total_steps, lora, adapter, profile_dir)
         self.gathers = learner.zero_stage == 3
 
     def train_step(self, objective: Objective, per_rank: list[list[Any]], counts: StepCounts) -> dict[str, Any]:

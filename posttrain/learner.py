@@ -34,6 +34,7 @@ from posttrain.faults import kill_point
 from posttrain.lora import LoRAConfig, apply_lora, merged_state
 from posttrain.models import ModelConfig, eval_mode
 from posttrain.objectives.common import Gathered, Objective, StepCounts
+from posttrain.profiling import StepProfiler, phase
 from posttrain.zero3 import gathers_whole_model, head_parameters, set_moe_leaves, whole
 
 
@@ -86,8 +87,14 @@ class LearnerConfig:
     offload_param: bool = False  # ZeRO-3 only: each rank's parameter slices in CPU memory between uses
     loss_chunk_size: int = 1024  # tokens per chunk of the LM-head cross-entropy (bounds logits memory)
     gradient_checkpointing: Optional[bool] = None  # recompute layer activations; null: model.gradient_checkpointing
+    # [first, last]: torch.profiler over these optimizer steps of the stage (1-based, inclusive) on
+    # every rank -> <stage dir>/profile/rank<R>.txt and .trace.json.gz (posttrain.profiling); null: off
+    profile: Optional[tuple[int, int]] = None
 
     def __post_init__(self) -> None:
+        if self.profile is not None and not (len(self.profile) == 2 and 1 <= self.profile[0] <= self.profile[1]):
+            raise ValueError(f"profile: must be [first, last] optimizer steps with 1 <= first <= last, "
+                             f"got {list(self.profile)}")
         if not self.loss_chunk_size >= 1:
             raise ValueError(f"loss_chunk_size: must be >= 1, got {self.loss_chunk_size}")
         if self.offload_optimizer and self.zero_stage == 0:
@@ -107,7 +114,8 @@ class Learners(Protocol):
     world_size: int
 
     def configure(self, optim: OptimConfig, schedule: ScheduleConfig, learner: LearnerConfig,
-                  total_steps: int, lora: Optional[LoRAConfig] = None, adapter: Optional[str] = None) -> None: ...
+                  total_steps: int, lora: Optional[LoRAConfig] = None, adapter: Optional[str] = None,
+                  profile_dir: Optional[str] = None) -> None: ...
 
     def train_step(self, objective: Objective, per_rank: list[list[Any]], counts: StepCounts) -> dict[str, Any]: ...
 
@@ -288,15 +296,18 @@ class Learner:
         self.model.to(self.device)
         self.engine = None
         self.step = 0
+        self.profiler: Optional[StepProfiler] = None  # learner.profile's window of the current stage
 
     peft: Any = None  # the PeftModel handle while the stage trains LoRA adapters (configure(lora=...))
 
     # ------------------------------------------------------------------ setup
     def configure(self, optim: OptimConfig, schedule: ScheduleConfig, learner: LearnerConfig,
-                  total_steps: int, lora: Optional[LoRAConfig] = None, adapter: Optional[str] = None) -> None:
+                  total_steps: int, lora: Optional[LoRAConfig] = None, adapter: Optional[str] = None,
+                  profile_dir: Optional[str] = None) -> None:
         """A new optimizer and schedule over the trainable parameters. `lora`: inject peft adapters
         (continuing the saved `adapter` dir when given) and train only them; the module the
-        objectives see stays the model itself, with peft's layers inside."""
+        objectives see stays the model itself, with peft's layers inside. `profile_dir`: where
+        `learner.profile` writes this rank's report (the stage's profile/ dir)."""
         import deepspeed
 
         from posttrain.models import set_gradient_checkpointing
@@ -359,6 +370,8 @@ class Learner:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self.step = 0
+        self.profiler = (StepProfiler(learner.profile, profile_dir, self.dist.rank)
+                         if learner.profile is not None and profile_dir is not None else None)
 
     # --------------------------------------------------------------- training
     def train_step(self, objective: Objective, micro_batches: list[Any], counts: StepCounts) -> dict[str, Any]:
@@ -376,23 +389,32 @@ class Learner:
         gathered: dict[str, list[torch.Tensor]] = {}
         n = len(micro_batches)
         zero_opt = eng.zero_optimization_stage() > 0
+        if self.profiler is not None:
+            self.profiler.begin(self.step + 1)
         for i, micro in enumerate(micro_batches):
             eng.set_gradient_accumulation_boundary(i == n - 1)
             if zero_opt:  # what engine.forward does first (we call the module itself): without
                 # it ZeRO-3 counts every micro-batch as the first and overwrites the gradients
                 eng.optimizer.clear_backward_seen_flag()
             with whole(head_parameters(eng.module)):  # ZeRO-3: the log-prob path reads the head weight
-                loss, metrics = objective(eng.module, to_device(micro, self.device), counts)
-                eng.backward(loss * self.dist.world_size, scale_wrt_gas=False)
+                with phase("forward"):
+                    loss, metrics = objective(eng.module, to_device(micro, self.device), counts)
+                with phase("backward"):
+                    eng.backward(loss * self.dist.world_size, scale_wrt_gas=False)
             _accumulate(totals, gathered, metrics)
         # ZeRO >= 1 reports the (pre-clipping) norm from its optimizer; plain fp32 DeepSpeed
         # (stage 0) does not track it, so it is read off the gradients before the step.
         grad_norm = _grad_norm(eng.module) if eng.zero_optimization_stage() == 0 else None
-        eng.step()
+        with phase("optimizer_step"):
+            eng.step()
         if grad_norm is None:
             grad_norm = eng.get_global_grad_norm()
         self.step += 1
-        out = _all_reduce_sum(_as_floats(totals))
+        with phase("metrics_readback"):  # waits for the device to finish the step
+            floats = _as_floats(totals)
+        if self.profiler is not None:
+            self.profiler.end(self.step)
+        out = _all_reduce_sum(floats)
         out["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         out["lr"] = float(eng.get_lr()[0])
         if self.device.type == "cuda":  # since configure(): the stage's peak on this rank

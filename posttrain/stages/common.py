@@ -65,6 +65,14 @@ class StageConfig:
             raise ValueError(f"steps: must be positive, got {self.steps}")
         if not self.log_every >= 1:
             raise ValueError(f"log_every: must be >= 1, got {self.log_every}")
+        if self.learner.profile is not None and self.learner.profile[1] > self.optimizer_steps:
+            raise ValueError(f"learner.profile: the window {list(self.learner.profile)} ends after the stage's "
+                             f"{self.optimizer_steps} optimizer steps")
+
+    @property
+    def optimizer_steps(self) -> int:
+        """The learners' optimizer steps in this stage (rl: `steps` rollout batches x updates_per_batch)."""
+        return self.steps
 
     def check_cluster(self, cluster: ClusterConfig) -> None:
         """Checks that need the cluster (a kind with a batch overrides this)."""
@@ -134,6 +142,10 @@ class StageContext:
     @property
     def state_root(self) -> Path:
         return self.stage_dir / "state"
+
+    @property
+    def profile_dir(self) -> Path:  # learner.profile's reports
+        return self.stage_dir / "profile"
 
 
 # ------------------------------------------------------------------------------ data

@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, TypeVar
@@ -93,7 +94,8 @@ class DPOStageConfig(StageConfig):
 def run_dpo(ctx: StageContext, cfg: DPOStageConfig, learners: Learners) -> dict[str, Any]:
     world = learners.world_size
     objective = DPOObjective(cfg.loss, chunk_size=cfg.learner.loss_chunk_size)
-    learners.configure(cfg.optim, cfg.schedule, cfg.learner, cfg.steps, cfg.lora, ctx.init_adapter)
+    learners.configure(cfg.optim, cfg.schedule, cfg.learner, cfg.steps, cfg.lora, ctx.init_adapter,
+                       profile_dir=str(ctx.profile_dir))
     # Both need the starting model: they run before any resumed state is loaded.
     train_pairs, eval_pairs = prepare_pairs(ctx, cfg, learners)
     train_pairs, eval_pairs = prepare_reference(ctx, cfg, learners, train_pairs, eval_pairs)
@@ -123,7 +125,9 @@ def run_dpo(ctx: StageContext, cfg: DPOStageConfig, learners: Learners) -> dict[
             step_pairs = [train_pairs[i] for i in idx]
             micro = micro_batches(step_pairs, world, cfg.batch.micro_size,
                                   lambda mb: preference_batch(mb, pad_id, pack_len))
+            sent = time.perf_counter()
             last = learners.train_step(objective, micro, StepCounts(sequences=len(step_pairs)))
+            last["time/learner"] = time.perf_counter() - sent  # the learners' round trip; the rest of time/step is here
             bar.advance(loss=last["loss"], acc=last["rewards/accuracies"])
             end_of_step(ctx, cfg, learners, step + 1, last, evaluate)
     final = evaluate(cfg.steps)

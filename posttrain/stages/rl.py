@@ -152,6 +152,10 @@ class RLStageConfig(StageConfig):
             if not ok:
                 raise ValueError(f"{key}: {msg}")
 
+    @property
+    def optimizer_steps(self) -> int:
+        return self.steps * self.updates_per_batch
+
     def check_cluster(self, cluster: ClusterConfig) -> None:
         if self.async_rollout is not None and cluster.use_gpus and cluster.placement == "colocated":
             raise ValueError("async_rollout: needs cluster.placement split on GPUs (colocated workers share the "
@@ -180,8 +184,8 @@ def run_rl(ctx: StageContext, cfg: RLStageConfig, learners: Learners) -> dict[st
     rewards = RewardRunner(cfg.reward)
     objective = PolicyObjective(cfg.loss, cfg.sampling, cfg.correction, chunk_size=cfg.learner.loss_chunk_size)
 
-    learners.configure(cfg.optim, cfg.schedule, cfg.learner, cfg.steps * cfg.updates_per_batch, cfg.lora,
-                       ctx.init_adapter)
+    learners.configure(cfg.optim, cfg.schedule, cfg.learner, cfg.optimizer_steps, cfg.lora,
+                       ctx.init_adapter, profile_dir=str(ctx.profile_dir))
     start = resume_step(ctx, learners, cfg.name)
 
     ids = token_ids(ctx.tokenizer)

@@ -15,6 +15,7 @@ the number of target tokens of the whole step. Eval rows with `length`/`depth` m
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence, Union
 
@@ -65,7 +66,8 @@ def run_sft(ctx: StageContext, cfg: SFTStageConfig, learners: Learners) -> dict[
     world = learners.world_size
     objective = SFTObjective(chunk_size=cfg.learner.loss_chunk_size)
 
-    learners.configure(cfg.optim, cfg.schedule, cfg.learner, cfg.steps, cfg.lora, ctx.init_adapter)
+    learners.configure(cfg.optim, cfg.schedule, cfg.learner, cfg.steps, cfg.lora, ctx.init_adapter,
+                       profile_dir=str(ctx.profile_dir))
     start = resume_step(ctx, learners, cfg.name)
 
     def evaluate(step: int) -> dict[str, Any]:
@@ -84,7 +86,9 @@ def run_sft(ctx: StageContext, cfg: SFTStageConfig, learners: Learners) -> dict[
             chosen = [units[i] for i in batch_indices(len(units), cfg.batch.global_size, step, ctx.seed)]
             counts = StepCounts(tokens=sum(n_targets(u) for u in chosen))
             micro = micro_batches(chosen, world, cfg.batch.micro_size, lambda mb: collate_units(mb, pad_id))
+            sent = time.perf_counter()
             last = learners.train_step(objective, micro, counts)
+            last["time/learner"] = time.perf_counter() - sent  # the learners' round trip; the rest of time/step is here
             bar.advance(loss=last["loss"])
             end_of_step(ctx, cfg, learners, step + 1, last, evaluate)
     final = evaluate(cfg.steps) if eval_records else {}

@@ -142,3 +142,21 @@ def test_the_json_says_how_each_side_decodes(vs_trl):
     assert "--eager-decode" in vs_trl.decode_setup(dataclasses.replace(cuda, cuda_graphs=False))["posttrain"]
     assert "static" in vs_trl.decode_setup(dataclasses.replace(cuda, trl_static_cache=True))["trl"]
     assert "eager" in vs_trl.decode_setup(vs_trl.PRESETS["cpu"])["posttrain"]
+
+
+def test_profile_adds_two_untimed_steps_after_the_timed_ones_on_both_sides(vs_trl, inputs, one_thread):
+    """--profile: both sides run two more optimizer steps, profiled (posttrain's learner.profile
+    window), and only the steps between the warm-up and them are timed."""
+    import trl
+
+    from posttrain.config import load_recipe
+
+    s, work, paths = inputs
+    s = dataclasses.replace(s, profile=True)
+    raw = vs_trl.posttrain_recipe(s, "qwen2", "sft", paths, str(work / "run"))
+    (work / "profiled.yaml").write_text(yaml.safe_dump(raw))
+    (st,) = load_recipe(str(work / "profiled.yaml")).stages
+    t = trl.SFTConfig(**vs_trl.trl_config(s, "sft", str(work / "trl")))
+    assert st.steps == t.max_steps == s.warmup + s.steps + 2
+    assert st.learner.profile == s.profile_window == (s.warmup + s.steps + 1, s.warmup + s.steps + 2)
+    assert [n for n in range(1, st.steps + 1) if s.timed(n)] == list(range(s.warmup + 1, s.warmup + s.steps + 1))

@@ -146,6 +146,9 @@ CASES = [
          overrides=["stages.sft.optim.lr=.nan"]),
     Case("cispo-eps-high-negative", ["error: stages[1].loss.eps_high: must be a finite number > 0, got -1.0"],
          overrides=["stages.rl.loss.eps_high=-1"]),
+    Case("profile-window-past-the-stage", ["error: stages[1].learner.profile: the window [3, 5] ends after the stage's "
+                                           "4 optimizer steps"],
+         overrides=["stages.rl.updates_per_batch=2", "stages.rl.learner.profile=[3,5]"]),
     Case("top-p-above-1", ["error: stages[1].sampling.top_p: must be in (0, 1], got 1.5"],
          overrides=["stages.rl.sampling.top_p=1.5"]),
     # ------------------------------------------------------------------ checked too late

@@ -171,3 +171,47 @@ def test_step_metrics_are_summed_over_micro_batches_and_read_back_once():
     assert out == {"loss": 0.75, "tokens": 7.0} and list(out) == ["loss", "tokens"]
     assert all(type(v) is float for v in out.values())
     assert [t.tolist() for t in gathered["ids"]] == [[1, 2], [3]]
+
+
+def test_profile_window_reports_each_phase_per_step_and_changes_no_update(setup, tmp_path):
+    """learner.profile [2, 3] over four steps of four micro-batches: the rank's report gives each
+    phase's calls per step (forward and backward per micro-batch, one optimizer step, one read
+    back), a trace is written, and the weights equal those of the same steps unprofiled."""
+    import gzip
+    import json
+
+    from posttrain.cluster import LearnerGroup
+    from posttrain.objectives import SFTObjective, StepCounts
+
+    tok, examples = setup
+    per_rank = [[collate(examples[i:i + 2], tok.pad_token_id) for i in range(0, 8, 2)]]
+    counts = StepCounts(tokens=sum(ex.n_trained for ex in examples))
+
+    def four_steps(learner_cfg: LearnerConfig, profile_dir) -> dict[str, torch.Tensor]:
+        group = LearnerGroup(ClusterConfig(learners=1, cpus_per_learner=0.5), MODEL, None,
+                             token_ids=token_ids(tok), seed=SEED)
+        try:
+            group.configure(OPTIM, SCHED, learner_cfg, 10, profile_dir=profile_dir)
+            for _ in range(4):
+                group.train_step(SFTObjective(), per_rank, counts)
+            return group.state_dict()
+        finally:
+            group.shutdown()
+
+    out = tmp_path / "profile"
+    profiled = four_steps(LearnerConfig(profile=(2, 3)), str(out))
+    plain = four_steps(LearnerConfig(), None)
+    assert max_rel_diff(profiled, plain) == 0.0
+    report = (out / "rank0.txt").read_text()
+    assert report.startswith("# rank 0, optimizer steps 2-3")
+    calls = {}
+    for line in report.splitlines():
+        cells = [c.strip() for c in line.split("|")]
+        if len(cells) == 4 and cells[0] in ("forward", "backward", "optimizer_step", "metrics_readback"):
+            calls[cells[0]] = float(cells[3])
+            assert float(cells[1]) > 0  # host ms per step
+    assert calls == {"forward": 4, "backward": 4, "optimizer_step": 1, "metrics_readback": 1}
+    assert "top operators by self host time" in report and "aten::" in report
+    trace = json.loads(gzip.decompress((out / "rank0.trace.json.gz").read_bytes()))
+    assert any(e.get("name") == "posttrain/optimizer_step" for e in trace["traceEvents"])
+    assert sorted(p.name for p in out.iterdir()) == ["rank0.trace.json.gz", "rank0.txt"]  # steps 1 and 4: nothing

@@ -1,0 +1,91 @@
+"""torch.profiler over a window of a stage's optimizer steps on each learner rank
+(`learner.profile: [first, last]`): where a step's host and device time goes.
+
+Each rank writes `<stage dir>/profile/rank<R>.txt` when the window closes: the wall time per
+step (host clock, from the first micro-batch to the metrics read back), the device's busy time
+per step, the step's phases (`posttrain/...` ranges: forward and backward of each micro-batch, the
+optimizer step, the metrics read back) and the top operators by self device time and by self host
+time. Beside it, `rank<R>.trace.json.gz`: the Chrome / Perfetto trace of the window.
+"""
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+PHASE_PREFIX = "posttrain/"
+
+
+def phase(name: str) -> Any:
+    """A named range of a learner step (`posttrain/<name>`) for the profile's phase table; a
+    no-op apart from a few microseconds when no profiler records."""
+    return torch.profiler.record_function(PHASE_PREFIX + name)
+
+
+class StepProfiler:
+    """Records optimizer steps `window` = (first, last) (1-based, inclusive) of one stage.
+    Call `begin(n)` before step n's first micro-batch and `end(n)` once its metrics are read
+    back (the device has finished the step); the report is written at `end(last)`."""
+
+    def __init__(self, window: tuple[int, int], out_dir: str, rank: int) -> None:
+        self.first, self.last = window
+        self.out_dir = Path(out_dir)
+        self.rank = rank
+        self._prof: Optional[torch.profiler.profile] = None
+        self._started = 0.0
+        self.written: Optional[Path] = None
+
+    def begin(self, step: int) -> None:
+        if step != self.first or self._prof is not None:
+            return
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        self._prof = profile(activities=acts)
+        self._prof.__enter__()
+        self._started = time.perf_counter()
+
+    def end(self, step: int) -> None:
+        if step != self.last or self._prof is None:
+            return
+        wall = time.perf_counter() - self._started
+        prof, self._prof = self._prof, None
+        prof.__exit__(None, None, None)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        steps = self.last - self.first + 1
+        path = self.out_dir / f"rank{self.rank}.txt"
+        path.write_text(report(prof, wall, steps, header=f"rank {self.rank}, optimizer steps {self.first}-{self.last}"))
+        prof.export_chrome_trace(str(self.out_dir / f"rank{self.rank}.trace.json.gz"))
+        self.written = path
+
+
+def report(prof: Any, wall: float, steps: int, header: str, row_limit: int = 25) -> str:
+    """The text report of a finished profile over `steps` steps that took `wall` host seconds."""
+    from torch.autograd import DeviceType
+
+    events = prof.key_averages()
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA]  # each kernel once (ops hold them too)
+    device_s = sum(e.self_device_time_total for e in kernels) / 1e6
+    lines = [f"# {header}",
+             f"wall {wall / steps * 1e3:.1f} ms per step (host, under the profiler); device busy "
+             f"{device_s / steps * 1e3:.1f} ms per step ({device_s / wall:.0%} of the wall); "
+             f"{sum(e.count for e in kernels) / steps:.0f} kernels per step", "",
+             "phase | host ms per step | device ms per step (its kernels) | calls per step"]
+    for e in sorted((e for e in events if e.key.startswith(PHASE_PREFIX)), key=lambda e: -e.cpu_time_total):
+        lines.append(f"{e.key[len(PHASE_PREFIX):]} | {e.cpu_time_total / 1e3 / steps:.1f} | "
+                     f"{e.device_time_total / 1e3 / steps:.1f} | {e.count / steps:g}")
+    lines.append("")
+    if device_s > 0:
+        lines += ["## top operators by self device time",
+                  _clean(events.table(sort_by="self_device_time_total", row_limit=row_limit, max_name_column_width=70)),
+                  ""]
+    lines += ["## top operators by self host time",
+              _clean(events.table(sort_by="self_cpu_time_total", row_limit=row_limit, max_name_column_width=70))]
+    return "\n".join(lines) + "\n"
+
+
+def _clean(table: str) -> str:
+    return re.sub(r"[ \t]+\n", "\n", table)
