@@ -50,7 +50,9 @@ run_part() {
       (cd /tmp && timeout ${VS_TRL_TIMEOUT:-420} python3 "$REPO/benchmarks/vs_trl.py" --device cuda $vargs \
         --out /tmp/$vname 2>&1 | grep --line-buffered -v Warning | tee "$OUT/$vname.log" | tail -30)
       cp /tmp/$vname/vs_trl.json "$OUT/$vname.json" 2>/dev/null; cp /tmp/$vname/vs_trl.png "$OUT/$vname.png" 2>/dev/null
-      (cd /tmp/$vname/work && find . -name log.txt -o -name metrics.jsonl | tar czf "$OUT/${vname}_logs.tgz" -T -) ;;
+      # with --profile, each row's report and trace (run/stages/*/profile/, trl/*/profile.txt, rank0.trace.json.gz)
+      (cd /tmp/$vname/work && find . -name log.txt -o -name metrics.jsonl -o -name 'rank*.txt' -o -name profile.txt \
+        -o -name '*.trace.json.gz' | tar czf "$OUT/${vname}_logs.tgz" -T -) ;;
     rl_learner)  # benchmarks/rl_learner_gpu.py: shared-prefix vs full forward of one RL micro-batch + profile
       (cd /tmp && timeout ${RL_LEARNER_TIMEOUT:-240} python3 "$REPO/benchmarks/rl_learner_gpu.py" --profile 2>&1 \
         | grep --line-buffered -v Warning > "$OUT/rl_learner.log"; grep -A8 "^### RL" "$OUT/rl_learner.log") ;;
