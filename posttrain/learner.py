@@ -271,6 +271,40 @@ def live_engines() -> int:
     return sum(isinstance(o, DeepSpeedEngine) for o in gc.get_objects())
 
 
+def deepspeed_config(optim: OptimConfig, learner: LearnerConfig, dtype: str, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config of a stage's engine (our torch AdamW and LR schedule are handed over
+    as objects)."""
+    zero: dict[str, Any] = {"stage": learner.zero_stage}
+    if learner.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if learner.offload_param:
+        zero["offload_param"] = {"device": "cpu"}
+    cfg: dict[str, Any] = {
+        # DeepSpeed insists on a batch geometry; we drive accumulation boundaries
+        # ourselves (set_gradient_accumulation_boundary), so these are nominal.
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": world_size,
+        "gradient_clipping": optim.grad_clip,
+        "zero_optimization": zero,
+        "steps_per_print": 10**12,
+        "wall_clock_breakdown": False,
+        # offload_optimizer steps our torch AdamW on the CPU copies (DeepSpeed refuses a client
+        # optimizer with offload unless told; its DeepSpeedCPUAdam would need a compiled op)
+        "zero_force_ds_cpu_optimizer": False,
+    }
+    if dtype == "bfloat16":
+        # check_grad_overflow (DeepSpeed's default) scans every gradient for inf/NaN before each
+        # step and skips the step on one: hundreds of kernels and a host sync per step, for a
+        # loss scale bf16 does not have (vs_trl's Qwen2 SFT row on an H200: docs/benchmarks.md,
+        # session 17). A non-finite gradient norm stops the stage instead
+        # (stages.common.check_finite), as it does in fp32.
+        cfg["bf16"] = {"enabled": True, "check_grad_overflow": False}
+    elif dtype == "float16":
+        cfg["fp16"] = {"enabled": True}
+    return cfg
+
+
 class Learner:
     """One rank: model + DeepSpeed engine. Build with `Learner(...)`, then `configure(...)`
     once per stage (a new optimizer and schedule), then `train_step(...)` repeatedly."""
@@ -341,30 +375,7 @@ class Learner:
         opt = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, eps=optim.eps,
                                 weight_decay=optim.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(schedule, total_steps))
-        zero: dict[str, Any] = {"stage": learner.zero_stage}
-        if learner.offload_optimizer:
-            zero["offload_optimizer"] = {"device": "cpu"}
-        if learner.offload_param:
-            zero["offload_param"] = {"device": "cpu"}
-        ds_cfg = {
-            # DeepSpeed insists on a batch geometry; we drive accumulation boundaries
-            # ourselves (set_gradient_accumulation_boundary), so these are nominal.
-            "train_micro_batch_size_per_gpu": 1,
-            "gradient_accumulation_steps": 1,
-            "train_batch_size": self.dist.world_size,
-            "gradient_clipping": optim.grad_clip,
-            "zero_optimization": zero,
-            "steps_per_print": 10**12,
-            "wall_clock_breakdown": False,
-            # offload_optimizer steps our torch AdamW on the CPU copies (DeepSpeed refuses a client
-            # optimizer with offload unless told; its DeepSpeedCPUAdam would need a compiled op)
-            "zero_force_ds_cpu_optimizer": False,
-        }
-        dtype = self.model_cfg.dtype
-        if dtype == "bfloat16":
-            ds_cfg["bf16"] = {"enabled": True}
-        elif dtype == "float16":
-            ds_cfg["fp16"] = {"enabled": True}
+        ds_cfg = deepspeed_config(optim, learner, self.model_cfg.dtype, self.dist.world_size)
         self.engine, _, _, _ = deepspeed.initialize(model=self.model, optimizer=opt,
                                                      lr_scheduler=sched, config=ds_cfg)
         if self.device.type == "cuda":

@@ -67,16 +67,29 @@ def report(prof: Any, wall: float, steps: int, header: str, row_limit: int = 25)
     from torch.autograd import DeviceType
 
     events = prof.key_averages()
-    kernels = [e for e in events if e.device_type == DeviceType.CUDA]  # each kernel once (ops hold them too)
+    # kernels, each once (the ops that launched them hold their time too); on CUDA a phase's range
+    # also appears as a device-side annotation spanning its kernels: not a kernel itself
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA and not e.key.startswith(PHASE_PREFIX)]
     device_s = sum(e.self_device_time_total for e in kernels) / 1e6
     lines = [f"# {header}",
              f"wall {wall / steps * 1e3:.1f} ms per step (host, under the profiler); device busy "
              f"{device_s / steps * 1e3:.1f} ms per step ({device_s / wall:.0%} of the wall); "
              f"{sum(e.count for e in kernels) / steps:.0f} kernels per step", "",
-             "phase | host ms per step | device ms per step (its kernels) | calls per step"]
-    for e in sorted((e for e in events if e.key.startswith(PHASE_PREFIX)), key=lambda e: -e.cpu_time_total):
-        lines.append(f"{e.key[len(PHASE_PREFIX):]} | {e.cpu_time_total / 1e3 / steps:.1f} | "
-                     f"{e.device_time_total / 1e3 / steps:.1f} | {e.count / steps:g}")
+             "phase | host ms per step | device ms per step (span of its kernels) | calls per step"]
+    # name -> [host us, device us of the device-side annotation, device us of the kernels the host
+    # range launched itself (CPU profiles, or no annotation), calls]
+    phases: dict[str, list[float]] = {}
+    for e in events:
+        if e.key.startswith(PHASE_PREFIX):
+            row = phases.setdefault(e.key[len(PHASE_PREFIX):], [0.0, 0.0, 0.0, 0.0])
+            if e.device_type == DeviceType.CUDA:
+                row[1] += e.device_time_total
+            else:
+                row[0] += e.cpu_time_total
+                row[2] += e.device_time_total
+                row[3] += e.count
+    for name, (host, span, launched, calls) in sorted(phases.items(), key=lambda kv: -kv[1][0]):
+        lines.append(f"{name} | {host / 1e3 / steps:.1f} | {(span or launched) / 1e3 / steps:.1f} | {calls / steps:g}")
     lines.append("")
     if device_s > 0:
         lines += ["## top operators by self device time",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import random
 import shutil
 import time
@@ -274,6 +275,17 @@ def resume_step(ctx: StageContext, learners: Learners, name: str) -> int:
     ctx.logger.truncate(name, start + 1)
     ctx.step_clock = time.perf_counter()
     return start
+
+
+def check_finite(stage: str, step: int, metrics: dict[str, Any]) -> None:
+    """Stop a stage whose optimizer step `step` (1-based) had a non-finite loss or gradient norm.
+    DeepSpeed applied that step (fp32, and bf16: its per-gradient overflow scan is off, see
+    learner.configure), so the weights are now corrupt: stop before they are used (a weight sync,
+    a save); the newest state under <stage>/state/ is intact (--resume)."""
+    loss, norm = metrics.get("loss", 0.0), metrics.get("grad_norm", 0.0)
+    if not (math.isfinite(loss) and math.isfinite(norm)):
+        raise RuntimeError(f"{stage}: step {step}: non-finite loss {loss} / grad norm {norm}; resume from the "
+                           f"last checkpoint (checkpoint.every)")
 
 
 def end_of_step(ctx: StageContext, cfg: StageConfig, learners: Learners, done: int, metrics: dict[str, Any],

@@ -37,8 +37,8 @@ from posttrain.learner import Learners
 from posttrain.objectives import DPOObjective, PreferenceLoss, SigmoidDPOLoss, StepCounts
 from posttrain.progress import stage_progress
 from posttrain.stages.common import (
-    BatchConfig, StageConfig, StageContext, also_evals, batch_indices, end_of_step, finish_stage, micro_batches,
-    resume_step, task_files,
+    BatchConfig, StageConfig, StageContext, also_evals, batch_indices, check_finite, end_of_step, finish_stage,
+    micro_batches, resume_step, task_files,
 )
 from posttrain.stages.dpo_pairs import (
     Pair, PairsConfig, compute_reference, encode_pairs, fingerprint, generate_pair_rows, preference_batch,
@@ -128,6 +128,7 @@ def run_dpo(ctx: StageContext, cfg: DPOStageConfig, learners: Learners) -> dict[
             sent = time.perf_counter()
             last = learners.train_step(objective, micro, StepCounts(sequences=len(step_pairs)))
             last["time/learner"] = time.perf_counter() - sent  # the learners' round trip; the rest of time/step is here
+            check_finite(cfg.name, step + 1, last)
             bar.advance(loss=last["loss"], acc=last["rewards/accuracies"])
             end_of_step(ctx, cfg, learners, step + 1, last, evaluate)
     final = evaluate(cfg.steps)

@@ -53,8 +53,8 @@ from posttrain.rollout import (
     Completion, RewardConfig, RewardRunner, RolloutBatch, RolloutConfig, SamplingConfig, SamplingParams,
 )
 from posttrain.stages.common import (
-    StageConfig, StageContext, also_evals, batch_indices, end_of_step, finish_stage, load_split, micro_batches,
-    resolve_data_paths, resume_step,
+    StageConfig, StageContext, also_evals, batch_indices, check_finite, end_of_step, finish_stage, load_split,
+    micro_batches, resolve_data_paths, resume_step,
 )
 
 
@@ -492,11 +492,7 @@ def learn(ctx: StageContext, cfg: RLStageConfig, learners: Learners, reference: 
         m = learners.train_step(objective, plan, counts)
         if K == 1:  # one plan: its batches are all of `flat`, in the same order
             old_tokens = m.pop("old_logprobs")
-        if not (math.isfinite(m["loss"]) and math.isfinite(m.get("grad_norm", 0.0))):
-            # fp32 DeepSpeed applies the step anyway: the weights are now corrupt. Stop before a
-            # sync spreads them; the newest state under <stage>/state/ is intact (--resume).
-            raise RuntimeError(f"{cfg.name}: step {step + 1}: non-finite loss {m['loss']} / grad norm "
-                               f"{m.get('grad_norm')}; resume from the last checkpoint (checkpoint.every)")
+        check_finite(cfg.name, step + 1, m)  # before a weight sync spreads corrupt weights
         per_update.append(m)
     out = train_mismatch(flat, old_tokens)
     for k in sorted({k for m in per_update for k in m}):

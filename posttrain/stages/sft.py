@@ -27,8 +27,8 @@ from posttrain.learner import Learners
 from posttrain.objectives import SFTObjective, StepCounts
 from posttrain.progress import stage_progress
 from posttrain.stages.common import (
-    BatchConfig, StageConfig, StageContext, also_evals, batch_indices, end_of_step, finish_stage, load_split,
-    micro_batches, resolve_data_paths, resume_step,
+    BatchConfig, StageConfig, StageContext, also_evals, batch_indices, check_finite, end_of_step, finish_stage,
+    load_split, micro_batches, resolve_data_paths, resume_step,
 )
 
 
@@ -89,6 +89,7 @@ def run_sft(ctx: StageContext, cfg: SFTStageConfig, learners: Learners) -> dict[
             sent = time.perf_counter()
             last = learners.train_step(objective, micro, counts)
             last["time/learner"] = time.perf_counter() - sent  # the learners' round trip; the rest of time/step is here
+            check_finite(cfg.name, step + 1, last)
             bar.advance(loss=last["loss"])
             end_of_step(ctx, cfg, learners, step + 1, last, evaluate)
     final = evaluate(cfg.steps) if eval_records else {}

@@ -215,3 +215,33 @@ def test_profile_window_reports_each_phase_per_step_and_changes_no_update(setup,
     trace = json.loads(gzip.decompress((out / "rank0.trace.json.gz").read_bytes()))
     assert any(e.get("name") == "posttrain/optimizer_step" for e in trace["traceEvents"])
     assert sorted(p.name for p in out.iterdir()) == ["rank0.trace.json.gz", "rank0.txt"]  # steps 1 and 4: nothing
+
+
+@pytest.mark.parametrize("metrics, bad", [({"loss": 0.5, "grad_norm": 3.0}, False), ({"loss": 0.5}, False),
+                                          ({"loss": float("nan"), "grad_norm": 1.0}, True),
+                                          ({"loss": 0.5, "grad_norm": float("inf")}, True)])
+def test_a_non_finite_loss_or_grad_norm_stops_the_stage_naming_the_step(metrics, bad):
+    """DeepSpeed applies a step with non-finite gradients (fp32; bf16 without its overflow scan):
+    every stage stops there with one line that names the stage and the step."""
+    from posttrain.stages.common import check_finite
+
+    if not bad:
+        check_finite("sft", 3, metrics)
+        return
+    with pytest.raises(RuntimeError, match=r"^sft: step 3: non-finite loss .* resume from the last checkpoint"):
+        check_finite("sft", 3, metrics)
+
+
+def test_bf16_engines_skip_deepspeeds_per_gradient_overflow_scan():
+    """bf16 engines run without DeepSpeed's inf/NaN scan of every gradient before each step
+    (check_finite stops a non-finite step instead), as DeepSpeed itself reads the config; fp32
+    and fp16 (whose loss scale needs the scan) are left as they were."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from posttrain.learner import deepspeed_config
+
+    bf16 = DeepSpeedConfig(deepspeed_config(OPTIM, LearnerConfig(zero_stage=1), "bfloat16", 1))
+    assert bf16.bfloat16_config.enabled and bf16.bfloat16_config.check_grad_overflow is False
+    fp32 = DeepSpeedConfig(deepspeed_config(OPTIM, LearnerConfig(zero_stage=1), "float32", 1))
+    assert not fp32.bfloat16_config.enabled and "bf16" not in deepspeed_config(OPTIM, LearnerConfig(), "float32", 1)
+    assert deepspeed_config(OPTIM, LearnerConfig(), "float16", 1)["fp16"] == {"enabled": True}
