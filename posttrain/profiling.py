@@ -19,6 +19,10 @@ import torch
 PHASE_PREFIX = "posttrain/"
 
 
+def _now() -> float:
+    return time.perf_counter()
+
+
 def phase(name: str) -> Any:
     """A named range of a learner step (`posttrain/<name>`) for the profile's phase table; a
     no-op apart from a few microseconds when no profiler records."""
@@ -28,42 +32,52 @@ def phase(name: str) -> Any:
 class StepProfiler:
     """Records optimizer steps `window` = (first, last) (1-based, inclusive) of one stage.
     Call `begin(n)` before step n's first micro-batch and `end(n)` once its metrics are read
-    back (the device has finished the step); the report is written at `end(last)`."""
+    back (the device has finished the step); the report is written at `end(last)`. The wall time
+    reported is the steps' own (begin to end), not the time between them (an rl learner waits
+    there while the next batch is generated)."""
 
     def __init__(self, window: tuple[int, int], out_dir: str, rank: int) -> None:
         self.first, self.last = window
         self.out_dir = Path(out_dir)
         self.rank = rank
         self._prof: Optional[torch.profiler.profile] = None
-        self._started = 0.0
+        self._step_started: Optional[float] = None
+        self._in_steps = 0.0  # seconds inside the window's steps
         self.written: Optional[Path] = None
 
     def begin(self, step: int) -> None:
-        if step != self.first or self._prof is not None:
+        if not self.first <= step <= self.last:
             return
-        from torch.profiler import ProfilerActivity, profile
+        if step == self.first and self._prof is None:
+            from torch.profiler import ProfilerActivity, profile
 
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-        self._prof = profile(activities=acts)
-        self._prof.__enter__()
-        self._started = time.perf_counter()
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            self._prof = profile(activities=acts)
+            self._prof.__enter__()
+        if self._step_started is None:  # a trainer may call begin once per micro-batch of the step
+            self._step_started = _now()
 
     def end(self, step: int) -> None:
-        if step != self.last or self._prof is None:
+        if self._prof is None or self._step_started is None:
             return
-        wall = time.perf_counter() - self._started
+        self._in_steps += _now() - self._step_started
+        self._step_started = None
+        if step != self.last:
+            return
         prof, self._prof = self._prof, None
         prof.__exit__(None, None, None)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         steps = self.last - self.first + 1
         path = self.out_dir / f"rank{self.rank}.txt"
-        path.write_text(report(prof, wall, steps, header=f"rank {self.rank}, optimizer steps {self.first}-{self.last}"))
+        path.write_text(report(prof, self._in_steps, steps,
+                               header=f"rank {self.rank}, optimizer steps {self.first}-{self.last}"))
         prof.export_chrome_trace(str(self.out_dir / f"rank{self.rank}.trace.json.gz"))
         self.written = path
 
 
 def report(prof: Any, wall: float, steps: int, header: str, row_limit: int = 25) -> str:
-    """The text report of a finished profile over `steps` steps that took `wall` host seconds."""
+    """The text report of a finished profile of `steps` steps that took `wall` host seconds (their
+    own time, without the time between them)."""
     from torch.autograd import DeviceType
 
     events = prof.key_averages()
@@ -72,7 +86,7 @@ def report(prof: Any, wall: float, steps: int, header: str, row_limit: int = 25)
     kernels = [e for e in events if e.device_type == DeviceType.CUDA and not e.key.startswith(PHASE_PREFIX)]
     device_s = sum(e.self_device_time_total for e in kernels) / 1e6
     lines = [f"# {header}",
-             f"wall {wall / steps * 1e3:.1f} ms per step (host, under the profiler); device busy "
+             f"wall {wall / steps * 1e3:.1f} ms per step (host, inside the steps, under the profiler); device busy "
              f"{device_s / steps * 1e3:.1f} ms per step ({device_s / wall:.0%} of the wall); "
              f"{sum(e.count for e in kernels) / steps:.0f} kernels per step", "",
              "phase | host ms per step | device ms per step (span of its kernels) | calls per step"]
