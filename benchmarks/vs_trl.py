@@ -375,8 +375,9 @@ def run_posttrain(s: Settings, family: str, stage: str, paths: dict[str, str], w
         learner = sum(r.get("time/learner", 0.0) for r in timed) / len(timed)  # the learner's round trip
         out["phases_s"] = {"learner": learner, "driver": sum(steps) / len(steps) - learner}
     out |= _rates(steps, work_per_step)
-    if s.profile:
-        out["profile"] = show_profile(f"{family} {stage} posttrain", sorted(row_dir.glob("run/stages/*/profile/rank0.txt")))
+    if s.profile:  # the learner's steps only (an rl row's generation runs in the rollout worker)
+        what = "posttrain, the learner's steps" + (" (generation is not in them)" if rl else "")
+        out["profile"] = show_profile(f"{family} {stage} {what}", sorted(row_dir.glob("run/stages/*/profile/rank0.txt")))
     if s.device == "cuda":
         out["peak_gib"] = max((r.get("gpu_peak_gib", 0.0) for r in train), default=None)
     else:
@@ -404,7 +405,8 @@ def run_trl(s: Settings, family: str, stage: str, paths: dict[str, str], work: P
         return out | {"error": f"TRL exited {rc} (log: {row_dir / 'log.txt'})"}
     res = json.loads(result.read_text())
     if s.profile:
-        out["profile"] = show_profile(f"{family} {stage} TRL", [row_dir / "profile.txt"])
+        what = "TRL, its whole steps" + (" (generation included)" if stage in ("grpo", "cispo") else "")
+        out["profile"] = show_profile(f"{family} {stage} {what}", [row_dir / "profile.txt"])
     out |= _rates(res["step_s"], res["work"]) | {k: v for k, v in res.items() if k not in ("step_s", "work")}
     out["peak_gib"] = res["cuda_peak_gib"] if s.device == "cuda" else mem["pss_peak_gib"]
     return out
@@ -616,8 +618,9 @@ def main() -> None:
                     help="posttrain's RL rows one step off-policy (async_rollout, TIS correction): generation "
                          "overlaps the learner; TRL's rows stay synchronous (it has no such mode without vLLM)")
     ap.add_argument("--profile", dest="profile", action="store_true", default=None,
-                    help="torch.profiler over the first two timed steps on both sides (posttrain: learner.profile); "
-                         "reports in each row's dir, their heads in the log")
+                    help="torch.profiler over two more, untimed steps after the timed ones on both sides (posttrain: "
+                         "learner.profile, the learner's steps; TRL: its whole step, so its RL rows' include "
+                         "generation); reports in each row's dir, their heads in the log")
     args = ap.parse_args()
     if args.trl_worker:
         return trl_worker(args.trl_worker)

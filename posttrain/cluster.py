@@ -432,6 +432,10 @@ class LearnerGroup:
             return self._all("state_dict")[0]
         return ray.get(self.actors[0].state_dict.remote())
 
+    def close_profile(self) -> None:
+        """Every rank writes learner.profile's report if its window is still open (stage end)."""
+        self._all("close_profile")
+
     def save_pretrained(self, out_dir: str) -> None:
         self._all("save_pretrained", out_dir)
 

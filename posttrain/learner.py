@@ -125,6 +125,8 @@ class Learners(Protocol):
 
     def call_rank0_async(self, fn: Callable[..., Any], *args: Any) -> Any: ...
 
+    def close_profile(self) -> None: ...
+
     def save_pretrained(self, out_dir: str) -> None: ...
 
     def save_state(self, state_dir: str, extra: dict[str, Any]) -> None: ...
@@ -271,6 +273,16 @@ def live_engines() -> int:
     return sum(isinstance(o, DeepSpeedEngine) for o in gc.get_objects())
 
 
+def _bf16_has_overflow_scan() -> bool:
+    """Whether this DeepSpeed's bf16 config has check_grad_overflow (it forbids unknown keys;
+    releases without the key have no such scan either)."""
+    try:
+        from deepspeed.runtime.precision_config import DeepSpeedBF16Config
+    except ImportError:
+        return False
+    return "check_grad_overflow" in DeepSpeedBF16Config.model_fields
+
+
 def deepspeed_config(optim: OptimConfig, learner: LearnerConfig, dtype: str, world_size: int) -> dict[str, Any]:
     """The DeepSpeed config of a stage's engine (our torch AdamW and LR schedule are handed over
     as objects)."""
@@ -299,7 +311,9 @@ def deepspeed_config(optim: OptimConfig, learner: LearnerConfig, dtype: str, wor
         # loss scale bf16 does not have (vs_trl's Qwen2 SFT row on an H200: docs/benchmarks.md,
         # session 17). A non-finite gradient norm stops the stage instead
         # (stages.common.check_finite), as it does in fp32.
-        cfg["bf16"] = {"enabled": True, "check_grad_overflow": False}
+        cfg["bf16"] = {"enabled": True}
+        if _bf16_has_overflow_scan():
+            cfg["bf16"]["check_grad_overflow"] = False
     elif dtype == "float16":
         cfg["fp16"] = {"enabled": True}
     return cfg
@@ -381,6 +395,7 @@ class Learner:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self.step = 0
+        self.close_profile()  # a window the last stage did not finish (normally closed by finish_stage)
         self.profiler = (StepProfiler(learner.profile, profile_dir, self.dist.rank)
                          if learner.profile is not None and profile_dir is not None else None)
 
@@ -393,15 +408,25 @@ class Learner:
         global count), so summing over micro-batches and ranks gives global values.
         A `Gathered` output comes back as the list of this rank's micro-batch values (in order).
         """
-        eng = self.engine
-        assert eng is not None, "call configure() first"
+        assert self.engine is not None, "call configure() first"
         kill_point("learner", self.step + 1)  # fault tests: this rank dies before the step
+        if self.profiler is None:
+            return self._train_step(objective, micro_batches, counts)
+        self.profiler.begin(self.step + 1)
+        try:
+            out = self._train_step(objective, micro_batches, counts)
+        except BaseException as err:  # the report of the steps so far, this one cut short
+            self.profiler.close(f"step {self.step + 1} raised {type(err).__name__}")
+            raise
+        self.profiler.end(self.step)
+        return out
+
+    def _train_step(self, objective: Objective, micro_batches: list[Any], counts: StepCounts) -> dict[str, Any]:
+        eng = self.engine
         totals: dict[str, Any] = {}  # metric sums, read back once after eng.step() (_as_floats)
         gathered: dict[str, list[torch.Tensor]] = {}
         n = len(micro_batches)
         zero_opt = eng.zero_optimization_stage() > 0
-        if self.profiler is not None:
-            self.profiler.begin(self.step + 1)
         for i, micro in enumerate(micro_batches):
             eng.set_gradient_accumulation_boundary(i == n - 1)
             if zero_opt:  # what engine.forward does first (we call the module itself): without
@@ -423,14 +448,19 @@ class Learner:
         self.step += 1
         with phase("metrics_readback"):  # waits for the device to finish the step
             floats = _as_floats(totals)
-        if self.profiler is not None:
-            self.profiler.end(self.step)
         out = _all_reduce_sum(floats)
         out["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         out["lr"] = float(eng.get_lr()[0])
         if self.device.type == "cuda":  # since configure(): the stage's peak on this rank
             out["gpu_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return {**out, **gathered}
+
+    def close_profile(self) -> None:
+        """The stage ends: write learner.profile's report if its window is still open (the stage
+        made fewer optimizer steps than the window's last: rl steps without an informative group
+        make none)."""
+        if self.profiler is not None:
+            self.profiler.close("the stage ended before the window's last step")
 
     @torch.no_grad()
     def evaluate(self, objective: Objective, micro_batches: list[Any], counts: StepCounts) -> dict[str, Any]:

@@ -32,28 +32,37 @@ def phase(name: str) -> Any:
 class StepProfiler:
     """Records optimizer steps `window` = (first, last) (1-based, inclusive) of one stage.
     Call `begin(n)` before step n's first micro-batch and `end(n)` once its metrics are read
-    back (the device has finished the step); the report is written at `end(last)`. The wall time
-    reported is the steps' own (begin to end), not the time between them (an rl learner waits
-    there while the next batch is generated)."""
+    back (the device has finished the step); the report is written at `end(last)`, or by
+    `close()` when the window ends early (the stage made fewer updates, a step raised, a run
+    resumed inside the window starts at the step it resumes from). Only the steps themselves
+    are recorded: collection pauses between them (an rl learner waits there while the next
+    batch is generated; evals and checkpoints run there), and their wall time is counted from
+    begin to end."""
 
     def __init__(self, window: tuple[int, int], out_dir: str, rank: int) -> None:
         self.first, self.last = window
         self.out_dir = Path(out_dir)
         self.rank = rank
         self._prof: Optional[torch.profiler.profile] = None
+        self._acts: list[Any] = []
+        self._paused = False
         self._step_started: Optional[float] = None
-        self._in_steps = 0.0  # seconds inside the window's steps
+        self._in_steps = 0.0  # seconds inside the recorded steps
+        self._steps: list[int] = []  # the steps recorded (ended)
+        self._notes: list[str] = []
         self.written: Optional[Path] = None
 
     def begin(self, step: int) -> None:
-        if not self.first <= step <= self.last:
+        if self.written is not None or not self.first <= step <= self.last:
             return
-        if step == self.first and self._prof is None:
+        if self._prof is None:
             from torch.profiler import ProfilerActivity, profile
 
-            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-            self._prof = profile(activities=acts)
+            self._acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            self._prof = profile(activities=self._acts)
             self._prof.__enter__()
+        elif self._paused:
+            self._toggle(True)
         if self._step_started is None:  # a trainer may call begin once per micro-batch of the step
             self._step_started = _now()
 
@@ -62,17 +71,51 @@ class StepProfiler:
             return
         self._in_steps += _now() - self._step_started
         self._step_started = None
-        if step != self.last:
+        self._steps.append(step)
+        if step >= self.last:
+            self.close()
+        else:
+            self._toggle(False)
+
+    def close(self, why: str = "") -> None:
+        """Stop recording and write the report of the steps recorded so far (a step cut short
+        by an error counts as one, and the report says so); nothing when none was."""
+        if self._prof is None:
             return
+        if self._step_started is not None:  # a step did not end (it raised)
+            self._in_steps += _now() - self._step_started
+            self._step_started = None
+            self._steps.append(-1)
         prof, self._prof = self._prof, None
         prof.__exit__(None, None, None)
+        if why:
+            self._notes.append(why)
+        if not self._steps:
+            return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        steps = self.last - self.first + 1
+        done = [n for n in self._steps if n > 0]
+        span = f"{done[0]}-{done[-1]}" if done else "none complete"
+        if -1 in self._steps:
+            span += " and one cut short"
+        header = f"rank {self.rank}, optimizer steps {span} of the window {self.first}-{self.last}"
+        if self._notes:
+            header += " (" + "; ".join(self._notes) + ")"
         path = self.out_dir / f"rank{self.rank}.txt"
-        path.write_text(report(prof, self._in_steps, steps,
-                               header=f"rank {self.rank}, optimizer steps {self.first}-{self.last}"))
+        path.write_text(report(prof, self._in_steps, len(self._steps), header=header))
         prof.export_chrome_trace(str(self.out_dir / f"rank{self.rank}.trace.json.gz"))
         self.written = path
+
+    def _toggle(self, on: bool) -> None:
+        """Pause or resume collection between steps; where the profiler cannot, it records the
+        time between steps too and the report says so."""
+        assert self._prof is not None
+        try:
+            self._prof.toggle_collection_dynamic(on, self._acts)
+            self._paused = not on
+        except Exception as err:  # noqa: BLE001 - an experimental torch API: report, do not fail the step
+            note = f"could not pause between steps ({type(err).__name__}): operators there are included"
+            if note not in self._notes:
+                self._notes.append(note)
 
 
 def report(prof: Any, wall: float, steps: int, header: str, row_limit: int = 25) -> str:

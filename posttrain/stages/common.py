@@ -277,13 +277,15 @@ def resume_step(ctx: StageContext, learners: Learners, name: str) -> int:
     return start
 
 
-def check_finite(stage: str, step: int, metrics: dict[str, Any]) -> None:
-    """Stop a stage whose optimizer step `step` (1-based) had a non-finite loss or gradient norm.
-    DeepSpeed applied that step (fp32, and bf16: its per-gradient overflow scan is off, see
-    learner.configure), so the weights are now corrupt: stop before they are used (a weight sync,
-    a save); the newest state under <stage>/state/ is intact (--resume)."""
+def check_finite(ctx: StageContext, stage: str, step: int, metrics: dict[str, Any]) -> None:
+    """Stop a stage whose optimizer step `step` (1-based) had a non-finite loss or gradient norm,
+    its metrics logged first. DeepSpeed has applied that step (fp32, and bf16 under ZeRO-1/2,
+    whose per-gradient overflow scan is off: learner.deepspeed_config) or skipped it (fp16, bf16
+    under ZeRO-0/3); either way the run stops before the weights are used (a weight sync, a
+    save). The newest state under <stage>/state/ is intact (--resume)."""
     loss, norm = metrics.get("loss", 0.0), metrics.get("grad_norm", 0.0)
     if not (math.isfinite(loss) and math.isfinite(norm)):
+        ctx.logger.log(stage, "train", step, {k: v for k, v in metrics.items() if not isinstance(v, list)})
         raise RuntimeError(f"{stage}: step {step}: non-finite loss {loss} / grad norm {norm}; resume from the "
                            f"last checkpoint (checkpoint.every)")
 
@@ -354,6 +356,8 @@ def finish_stage(ctx: StageContext, learners: Learners, stage_cfg: StageConfig,
     A LoRA stage's checkpoint holds the merged weights, its adapter (PEFT format) is in
     final/adapter; the manifest's `lora` names the adapter and the base it sits on (init_path;
     null: the preset built from the run seed), which a continue_adapter stage starts from."""
+    if stage_cfg.learner.profile is not None:  # a window the stage's updates did not reach the end of
+        learners.close_profile()
     with atomic_dir(ctx.final_dir) as tmp:
         learners.save_pretrained(str(tmp))
         ctx.tokenizer.save_pretrained(str(tmp))

@@ -128,7 +128,7 @@ def run_dpo(ctx: StageContext, cfg: DPOStageConfig, learners: Learners) -> dict[
             sent = time.perf_counter()
             last = learners.train_step(objective, micro, StepCounts(sequences=len(step_pairs)))
             last["time/learner"] = time.perf_counter() - sent  # the learners' round trip; the rest of time/step is here
-            check_finite(cfg.name, step + 1, last)
+            check_finite(ctx, cfg.name, step + 1, last)
             bar.advance(loss=last["loss"], acc=last["rewards/accuracies"])
             end_of_step(ctx, cfg, learners, step + 1, last, evaluate)
     final = evaluate(cfg.steps)

@@ -492,7 +492,7 @@ def learn(ctx: StageContext, cfg: RLStageConfig, learners: Learners, reference: 
         m = learners.train_step(objective, plan, counts)
         if K == 1:  # one plan: its batches are all of `flat`, in the same order
             old_tokens = m.pop("old_logprobs")
-        check_finite(cfg.name, step + 1, m)  # before a weight sync spreads corrupt weights
+        check_finite(ctx, cfg.name, step + 1, m)  # before a weight sync spreads corrupt weights
         per_update.append(m)
     out = train_mismatch(flat, old_tokens)
     for k in sorted({k for m in per_update for k in m}):

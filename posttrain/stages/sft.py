@@ -89,7 +89,7 @@ def run_sft(ctx: StageContext, cfg: SFTStageConfig, learners: Learners) -> dict[
             sent = time.perf_counter()
             last = learners.train_step(objective, micro, counts)
             last["time/learner"] = time.perf_counter() - sent  # the learners' round trip; the rest of time/step is here
-            check_finite(cfg.name, step + 1, last)
+            check_finite(ctx, cfg.name, step + 1, last)
             bar.advance(loss=last["loss"])
             end_of_step(ctx, cfg, learners, step + 1, last, evaluate)
     final = evaluate(cfg.steps) if eval_records else {}

@@ -222,14 +222,20 @@ def test_profile_window_reports_each_phase_per_step_and_changes_no_update(setup,
                                           ({"loss": 0.5, "grad_norm": float("inf")}, True)])
 def test_a_non_finite_loss_or_grad_norm_stops_the_stage_naming_the_step(metrics, bad):
     """DeepSpeed applies a step with non-finite gradients (fp32; bf16 without its overflow scan):
-    every stage stops there with one line that names the stage and the step."""
+    every stage stops there with one line that names the stage and the step, its row logged."""
+    from types import SimpleNamespace
+
     from posttrain.stages.common import check_finite
 
+    logged = []
+    ctx = SimpleNamespace(logger=SimpleNamespace(log=lambda *row: logged.append(row)))
     if not bad:
-        check_finite("sft", 3, metrics)
+        check_finite(ctx, "sft", 3, {**metrics, "old_logprobs": [torch.zeros(2)]})
+        assert logged == []  # the stage logs its own rows
         return
     with pytest.raises(RuntimeError, match=r"^sft: step 3: non-finite loss .* resume from the last checkpoint"):
-        check_finite("sft", 3, metrics)
+        check_finite(ctx, "sft", 3, {**metrics, "old_logprobs": [torch.zeros(2)]})
+    assert logged == [("sft", "train", 3, metrics)]  # the bad step's row is on record, lists left out
 
 
 def test_bf16_engines_skip_deepspeeds_per_gradient_overflow_scan():

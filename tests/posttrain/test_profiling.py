@@ -1,4 +1,5 @@
-"""posttrain.profiling: the report's wall time is the profiled steps' own, and phases are counted per step."""
+"""posttrain.profiling: a report holds the profiled steps alone (their wall time and operators, not
+what runs between them), counts phases per step, and is written when a window ends early."""
 from __future__ import annotations
 
 import re
@@ -9,26 +10,55 @@ from posttrain import profiling
 from posttrain.profiling import StepProfiler, phase
 
 
-def test_wall_per_step_excludes_the_time_between_steps_and_outside_the_window(tmp_path, monkeypatch):
-    """Steps 2-3 of 1-4 profiled; each step takes 5 clock units, 100 pass between steps (an rl
-    learner waiting for the next batch): the report gives 5 per step, and each phase's calls per
-    step; a trainer calling begin once per micro-batch does not restart the step's clock."""
-    clock = iter(range(0, 10_000, 5))  # every reading advances 5 units (s)
-    now = [0.0]
-    monkeypatch.setattr(profiling, "_now", lambda: now[0])
-    prof = StepProfiler((2, 3), str(tmp_path), rank=1)
-    for step in range(1, 5):
-        now[0] = next(clock) * 100.0  # 100 s or more since the last step ended
+def _steps(prof: StepProfiler, steps: range, now: list[float], between=lambda: None) -> None:
+    for step in steps:
+        now[0] += 100.0  # time between steps (an rl learner waiting for the next batch)
+        between()
         prof.begin(step)
-        prof.begin(step)  # a second micro-batch of the same step
+        prof.begin(step)  # a trainer calling begin once per micro-batch does not restart the clock
         with phase("forward"):
             torch.ones(4, 4).sum()
         now[0] += 5.0
         prof.end(step)
-        if step < 3:
-            assert prof.written is None
+
+
+def test_a_report_holds_the_windows_steps_alone(tmp_path, monkeypatch):
+    """Steps 2-3 of 1-4 profiled, 5 s each with 100 s between: 5000 ms per step, one forward per
+    step, and an operator run between the two profiled steps is not in the report."""
+    now = [0.0]
+    monkeypatch.setattr(profiling, "_now", lambda: now[0])
+    prof = StepProfiler((2, 3), str(tmp_path), rank=1)
+    _steps(prof, range(1, 5), now, between=lambda: torch.ones(8).cumsum(0))
     text = (tmp_path / "rank1.txt").read_text()
-    assert text.startswith("# rank 1, optimizer steps 2-3")
+    assert text.startswith("# rank 1, optimizer steps 2-3 of the window 2-3\n")
     assert re.search(r"^wall 5000\.0 ms per step \(host, inside the steps", text, re.M)
     assert re.search(r"^forward \| [\d.]+ \| 0\.0 \| 1$", text, re.M)
+    assert "aten::sum" in text and "aten::cumsum" not in text
     assert (tmp_path / "rank1.trace.json.gz").exists() and prof.written == tmp_path / "rank1.txt"
+
+
+def test_a_window_that_ends_early_is_reported_up_to_where_it_got(tmp_path, monkeypatch):
+    """The stage made 3 of the window's 5 steps (rl steps without an informative group make no
+    update), or a step raised: close() writes what was recorded and says why."""
+    now = [0.0]
+    monkeypatch.setattr(profiling, "_now", lambda: now[0])
+    short = StepProfiler((2, 5), str(tmp_path / "short"), rank=0)
+    _steps(short, range(1, 4), now)
+    assert short.written is None
+    short.close("the stage ended before the window's last step")
+    text = (tmp_path / "short" / "rank0.txt").read_text()
+    assert text.startswith("# rank 0, optimizer steps 2-3 of the window 2-5 (the stage ended before the window's last step)")
+    assert re.search(r"^forward \| [\d.]+ \| 0\.0 \| 1$", text, re.M)
+
+    raised = StepProfiler((1, 2), str(tmp_path / "raised"), rank=0)
+    _steps(raised, range(1, 2), now)
+    raised.begin(2)  # step 2 raises before it ends
+    now[0] += 5.0
+    raised.close("step 2 raised RuntimeError")
+    text = (tmp_path / "raised" / "rank0.txt").read_text()
+    assert text.startswith("# rank 0, optimizer steps 1-1 and one cut short of the window 1-2 (step 2 raised RuntimeError)")
+    assert re.search(r"^wall 5000\.0 ms per step", text, re.M)
+    untouched = StepProfiler((3, 4), str(tmp_path / "never"), rank=0)
+    _steps(untouched, range(1, 3), now)
+    untouched.close("the stage ended before the window's last step")
+    assert not (tmp_path / "never").exists()
