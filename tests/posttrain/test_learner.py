@@ -194,6 +194,7 @@ def test_profile_window_reports_each_phase_per_step_and_changes_no_update(setup,
             group.configure(OPTIM, SCHED, learner_cfg, 10, profile_dir=profile_dir)
             for _ in range(4):
                 group.train_step(SFTObjective(), per_rank, counts)
+            group.close_profile()  # the stage's end (finish_stage)
             return group.state_dict()
         finally:
             group.shutdown()
@@ -203,7 +204,7 @@ def test_profile_window_reports_each_phase_per_step_and_changes_no_update(setup,
     plain = four_steps(LearnerConfig(), None)
     assert max_rel_diff(profiled, plain) == 0.0
     report = (out / "rank0.txt").read_text()
-    assert report.startswith("# rank 0, optimizer steps 2-3")
+    assert report.startswith("# rank 0, optimizer steps 2-3 of the window 2-3\n")
     calls = {}
     for line in report.splitlines():
         cells = [c.strip() for c in line.split("|")]
@@ -215,6 +216,11 @@ def test_profile_window_reports_each_phase_per_step_and_changes_no_update(setup,
     trace = json.loads(gzip.decompress((out / "rank0.trace.json.gz").read_bytes()))
     assert any(e.get("name") == "posttrain/optimizer_step" for e in trace["traceEvents"])
     assert sorted(p.name for p in out.iterdir()) == ["rank0.trace.json.gz", "rank0.txt"]  # steps 1 and 4: nothing
+    # a window past the stage's last update (rl steps without an informative group make none): the
+    # stage's end reports the steps it got
+    four_steps(LearnerConfig(profile=(3, 6)), str(tmp_path / "short"))
+    assert (tmp_path / "short" / "rank0.txt").read_text().startswith(
+        "# rank 0, optimizer steps 3-4 of the window 3-6 (the stage ended before the window's last step)")
 
 
 @pytest.mark.parametrize("metrics, bad", [({"loss": 0.5, "grad_norm": 3.0}, False), ({"loss": 0.5}, False),
