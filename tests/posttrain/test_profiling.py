@@ -37,28 +37,34 @@ def test_a_report_holds_the_windows_steps_alone(tmp_path, monkeypatch):
     assert (tmp_path / "rank1.trace.json.gz").exists() and prof.written == tmp_path / "rank1.txt"
 
 
+def _closed_early(root, name: str, window: tuple[int, int], steps: range, now: list[float], why: str,
+                  cut_short: bool = False) -> str:
+    """Run `steps` through a profiler of `window` (and begin one more that never ends when
+    `cut_short`), close it with `why`; its report's text, or '' when none was written."""
+    prof = StepProfiler(window, str(root / name), rank=0)
+    _steps(prof, steps, now)
+    if cut_short:  # the next step raises before it ends
+        prof.begin(steps.stop)
+        now[0] += 5.0
+    assert prof.written is None
+    prof.close(why)
+    report = root / name / "rank0.txt"
+    return report.read_text() if report.exists() else ""
+
+
 def test_a_window_that_ends_early_is_reported_up_to_where_it_got(tmp_path, monkeypatch):
     """The stage made 3 of the window's 5 steps (rl steps without an informative group make no
     update), or a step raised: close() writes what was recorded and says why."""
     now = [0.0]
     monkeypatch.setattr(profiling, "_now", lambda: now[0])
-    short = StepProfiler((2, 5), str(tmp_path / "short"), rank=0)
-    _steps(short, range(1, 4), now)
-    assert short.written is None
-    short.close("the stage ended before the window's last step")
-    text = (tmp_path / "short" / "rank0.txt").read_text()
-    assert text.startswith("# rank 0, optimizer steps 2-3 of the window 2-5 (the stage ended before the window's last step)")
+    ended = "the stage ended before the window's last step"
+    text = _closed_early(tmp_path, "short", (2, 5), range(1, 4), now, ended)
+    assert text.startswith(f"# rank 0, optimizer steps 2-3 of the window 2-5 ({ended})")
     assert re.search(r"^forward \| [\d.]+ \| 0\.0 \| 1$", text, re.M)
 
-    raised = StepProfiler((1, 2), str(tmp_path / "raised"), rank=0)
-    _steps(raised, range(1, 2), now)
-    raised.begin(2)  # step 2 raises before it ends
-    now[0] += 5.0
-    raised.close("step 2 raised RuntimeError")
-    text = (tmp_path / "raised" / "rank0.txt").read_text()
+    text = _closed_early(tmp_path, "raised", (1, 2), range(1, 2), now, "step 2 raised RuntimeError", cut_short=True)
     assert text.startswith("# rank 0, optimizer steps 1-1 and one cut short of the window 1-2 (step 2 raised RuntimeError)")
     assert re.search(r"^wall 5000\.0 ms per step", text, re.M)
-    untouched = StepProfiler((3, 4), str(tmp_path / "never"), rank=0)
-    _steps(untouched, range(1, 3), now)
-    untouched.close("the stage ended before the window's last step")
+
+    assert _closed_early(tmp_path, "never", (3, 4), range(1, 3), now, ended) == ""
     assert not (tmp_path / "never").exists()
